@@ -1,0 +1,178 @@
+"""Activation functions h and their derivatives h', side by side.
+
+Both members of a pair are functions of the pre-activation ``a`` (DERIVATION,
+"Activations and derivatives"), not of the output ``z = h(a)``: GELU's
+derivative cannot be recovered from its output, and for sigmoid and tanh the
+forms written in ``a`` avoid the cancellation in ``1 - z``.
+
+Every function here is built from plain ``jax.numpy`` / ``jax.lax`` operations
+(no ``custom_jvp`` helpers), so ``jax.grad`` of the forward pass differentiates
+the same formulas that are written out by hand below, and the two can be held
+up against each other. sigmoid and tanh use the primitives' highest-accuracy
+mode, under which JAX's own derivative rules are the cancellation-free forms
+used here too. Conventions at the kinks follow ``jax.nn``:
+
+* ``relu'(0) = 0``,
+* ``leaky_relu'(0) = LEAKY_SLOPE`` (the ``a > 0`` branch is the strict one),
+* ``elu'(0) = ELU_ALPHA`` (equal to 1 with the default, so ELU is C^1 there).
+
+Softmax is an output-only activation: its Jacobian is not diagonal, so it has
+no elementwise ``h'``; its backward rule lives in :mod:`fnnet.losses`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+#: Slope of leaky ReLU for a <= 0 (same default as ``jax.nn.leaky_relu``).
+LEAKY_SLOPE = 0.01
+#: ELU's alpha: h(a) = alpha * (e^a - 1) for a <= 0 (same as ``jax.nn.elu``).
+ELU_ALPHA = 1.0
+
+_HIGHEST = jax.lax.AccuracyMode.HIGHEST
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+class Activation(NamedTuple):
+    """An elementwise activation: ``h`` and its derivative ``h_prime``, both of a."""
+
+    name: str
+    h: Callable[[Array], Array]
+    h_prime: Callable[[Array], Array]
+
+
+def identity(a: Array) -> Array:
+    return a
+
+
+def identity_prime(a: Array) -> Array:
+    return jnp.ones_like(a)
+
+
+def _logistic(a: Array) -> Array:
+    return jax.lax.logistic(a, accuracy=_HIGHEST)
+
+
+def sigmoid(a: Array) -> Array:
+    """sigma(a) = 1 / (1 + e^-a), the ``logistic`` primitive at highest accuracy."""
+    return _logistic(a)
+
+
+def sigmoid_prime(a: Array) -> Array:
+    """sigma'(a) = sigma(a) (1 - sigma(a)), written as sigma(a) sigma(-a).
+
+    ``1 - sigma(a)`` loses every digit once sigma(a) rounds to 1 (a > 17 in
+    float32); ``sigma(-a)`` keeps full relative precision for any a. JAX
+    differentiates the highest-accuracy ``logistic`` with the same product.
+    """
+    return _logistic(a) * _logistic(-a)
+
+
+def tanh(a: Array) -> Array:
+    return jax.lax.tanh(a, accuracy=_HIGHEST)
+
+
+def tanh_prime(a: Array) -> Array:
+    """tanh'(a) = 1 - tanh(a)^2, written as 4 sigma(2a) sigma(-2a).
+
+    ``1 - tanh(a)^2`` cancels: in float32 it is off by 5e-4 (relative) at
+    a = 5 and is 0 from a = 9 on. The logistic form keeps full relative
+    precision everywhere; JAX differentiates the highest-accuracy ``tanh``
+    with the same expression.
+    """
+    return 4.0 * (_logistic(2.0 * a) * _logistic(-2.0 * a))
+
+
+def relu(a: Array) -> Array:
+    return jnp.where(a > 0, a, 0.0)
+
+
+def relu_prime(a: Array) -> Array:
+    """1[a > 0]; 0 at a = 0, the convention of ``jax.nn.relu``."""
+    return jnp.where(a > 0, 1.0, 0.0).astype(a.dtype)
+
+
+def leaky_relu(a: Array) -> Array:
+    return jnp.where(a > 0, a, LEAKY_SLOPE * a)
+
+
+def leaky_relu_prime(a: Array) -> Array:
+    """1 if a > 0 else LEAKY_SLOPE."""
+    return jnp.where(a > 0, 1.0, LEAKY_SLOPE).astype(a.dtype)
+
+
+def softplus(a: Array) -> Array:
+    """log(1 + e^a) = max(a, 0) + log1p(e^-|a|): no overflow for large a."""
+    return jnp.maximum(a, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(a)))
+
+
+def softplus_prime(a: Array) -> Array:
+    """softplus'(a) = sigma(a)."""
+    return _logistic(a)
+
+
+def elu(a: Array) -> Array:
+    # expm1 only ever sees a <= 0: for large positive a the unused branch would
+    # be inf, and under jax.grad 0 * inf in that branch would give NaN. (A
+    # ``where`` rather than ``minimum``, whose derivative at 0 is 1/2.)
+    return jnp.where(a > 0, a, ELU_ALPHA * jnp.expm1(jnp.where(a > 0, 0.0, a)))
+
+
+def elu_prime(a: Array) -> Array:
+    """1 if a > 0 else ELU_ALPHA e^a."""
+    return jnp.where(a > 0, 1.0, ELU_ALPHA * jnp.exp(jnp.where(a > 0, 0.0, a)))
+
+
+def _std_normal_cdf(a: Array) -> Array:
+    # Phi(a) = erfc(-a / sqrt 2) / 2: accurate in the left tail, where
+    # (1 + erf(a / sqrt 2)) / 2 would cancel.
+    return 0.5 * jax.lax.erfc(-a * _SQRT_HALF)
+
+
+def gelu(a: Array) -> Array:
+    """GELU, exact (erf) form: a Phi(a), Phi the standard normal CDF."""
+    return a * _std_normal_cdf(a)
+
+
+def gelu_prime(a: Array) -> Array:
+    """Phi(a) + a phi(a), phi the standard normal density."""
+    return _std_normal_cdf(a) + a * (_INV_SQRT_2PI * jnp.exp(-0.5 * jnp.square(a)))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    act.name: act
+    for act in (
+        Activation("identity", identity, identity_prime),
+        Activation("sigmoid", sigmoid, sigmoid_prime),
+        Activation("tanh", tanh, tanh_prime),
+        Activation("relu", relu, relu_prime),
+        Activation("leaky_relu", leaky_relu, leaky_relu_prime),
+        Activation("softplus", softplus, softplus_prime),
+        Activation("elu", elu, elu_prime),
+        Activation("gelu", gelu, gelu_prime),
+    )
+}
+
+#: Names accepted for hidden layers.
+HIDDEN_ACTIVATIONS = tuple(ACTIVATIONS)
+#: Names accepted for the output layer: every elementwise activation, and softmax.
+OUTPUT_ACTIVATIONS = (*ACTIVATIONS, "softmax")
+
+
+def softmax(a: Array) -> Array:
+    """softmax over the last axis, shifted by the max so that e^a never overflows."""
+    e = jnp.exp(a - jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def output_fn(name: str) -> Callable[[Array], Array]:
+    """The function ``h^(L)`` of an output activation name."""
+    return softmax if name == "softmax" else ACTIVATIONS[name].h
