@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from fnnet.types import Array, Grads, Params
@@ -58,7 +59,8 @@ def weight_grad(delta: Array, z_prev: Array) -> Array:
     """dL/dW^(l) = delta^(l) z^(l-1)^T (eqs. 10, 13); Delta^T Z summed over rows."""
     if delta.ndim == 1:
         return jnp.outer(delta, z_prev)
-    return delta.T @ z_prev
+    # Delta^T Z as one dot_general contracting the batch axes (no transpose).
+    return jax.lax.dot_general(delta, z_prev, (((0,), (0,)), ((), ())))
 
 
 def bias_grad(delta: Array) -> Array:

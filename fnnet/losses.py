@@ -58,6 +58,7 @@ def logsumexp(a: Array) -> Array:
 def one_hot(labels: Array, num_classes: int, dtype) -> Array:
     """Integer labels (...,) to one-hot rows (..., num_classes) in ``dtype``."""
     classes = jnp.arange(num_classes, dtype=labels.dtype)
+    classes = classes.reshape((1,) * labels.ndim + (num_classes,))
     return (labels[..., None] == classes).astype(dtype)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -174,9 +175,9 @@ class MLP:
         for k, fan_in, fan_out, act in zip(
             keys, self.sizes[:-1], self.sizes[1:], acts, strict=True
         ):
-            gain2 = 2.0 if act in _RELU_LIKE else 1.0
-            W = jax.random.normal(k, (fan_out, fan_in), dtype) * np.sqrt(gain2 / fan_in)
-            params.append({"W": W.astype(dtype), "b": jnp.zeros((fan_out,), dtype)})
+            std = math.sqrt((2.0 if act in _RELU_LIKE else 1.0) / fan_in)
+            W = jax.random.normal(k, (fan_out, fan_in), dtype) * std
+            params.append({"W": W, "b": jnp.zeros((fan_out,), dtype)})
         return tuple(params)
 
     def forward(self, params: Params, x: Array, *, key: Array | None = None) -> Array:
@@ -436,7 +437,9 @@ def affine(W: Array, b: Array, z: Array) -> Array:
     """a = W z + b (eq. 2) for one example; A = Z W^T + b for rows."""
     if z.ndim == 1:
         return W @ z + b
-    return z @ W.T + b
+    # Z W^T as one dot_general contracting the feature axes: no transposed copy.
+    ZWt = jax.lax.dot_general(z, W, (((1,), (1,)), ((), ())))
+    return ZWt + b[None, :]
 
 
 def h_primes(net: MLP):
