@@ -1,0 +1,377 @@
+"""Command line: ``fnnet train`` (also ``python -m fnnet train``).
+
+With no flags it trains a 64-128-10 ReLU network on scikit-learn's bundled
+digits in a few seconds and writes its results to ``runs/``. ``fnnet train
+--help`` documents every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnnet import checkpoint as ckpt
+from fnnet import data as fdata
+from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
+from fnnet.losses import LOSSES
+from fnnet.network import MLP
+from fnnet.train import GRADS, OPTIMIZERS, TrainConfig, evaluate, fit, metric_name
+
+CONFIG_FILE = "config.json"
+DEFAULT_EPOCHS = 200
+CHECKPOINT_FILE = "checkpoint.npz"
+
+# Exit codes: 0 success, 2 bad usage or bad input (argparse's convention),
+# 3 training stopped on a non-finite loss.
+EXIT_USAGE, EXIT_NON_FINITE = 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fnnet", description="Train MLPs with hand-written backpropagation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "train",
+        help="train a network on a bundled data set or a .csv/.npz file",
+        description=(
+            "Train an MLP. Data sets: "
+            + ", ".join(fdata.BUILTIN)
+            + " (bundled with scikit-learn, offline), or a path to a .csv or .npz "
+            "file. Writes metrics.json, history.csv, checkpoint.npz, config.json "
+            "and loss_curve.png to --out."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits", help="bundled data set name or file")
+    g.add_argument(
+        "--target", default=None, help="csv target column: name or index (default last)"
+    )
+    g.add_argument(
+        "--task",
+        choices=("auto", *fdata.TASKS),
+        default="auto",
+        help="classification or regression; auto infers it from the targets",
+    )
+    g.add_argument("--val-fraction", type=float, default=0.15, help="validation share")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="test share")
+
+    g = p.add_argument_group("network")
+    g.add_argument(
+        "--hidden",
+        type=int,
+        nargs="*",
+        default=[128],
+        metavar="M",
+        help="hidden layer widths, e.g. --hidden 256 128 (none: a linear model)",
+    )
+    g.add_argument(
+        "--activation",
+        default="relu",
+        help="hidden activation, or a comma list with one per hidden layer; "
+        f"one of {', '.join(HIDDEN_ACTIVATIONS)}",
+    )
+    g.add_argument(
+        "--output",
+        choices=OUTPUT_ACTIVATIONS,
+        default=None,
+        help="output activation (default: softmax for classification, sigmoid "
+        "with --loss bce, identity for regression)",
+    )
+    g.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=None,
+        help="per-example loss (default: cross_entropy for classification, mse "
+        "for regression; bce for two classes with one sigmoid output)",
+    )
+    g.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float32", help="precision"
+    )
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="momentum/nesterov")
+    g.add_argument(
+        "--epochs", type=int, default=None, help="maximum epochs (default 200)"
+    )
+    g.add_argument("--batch-size", type=int, default=32, help="mini-batch size")
+    g.add_argument("--grad", choices=GRADS, default="hand", help="gradient source")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, split, shuffle")
+
+    g = p.add_argument_group("regularization")
+    g.add_argument("--l2", type=float, default=0.0, help="L2 penalty alpha/2 ||W||^2")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="decoupled weight decay: fraction of W removed per step",
+    )
+    g.add_argument(
+        "--decay-biases", action="store_true", help="apply L2/decay to biases too"
+    )
+    drop = g.add_mutually_exclusive_group()
+    drop.add_argument(
+        "--keep-prob", type=float, default=None, help="dropout keep probability p"
+    )
+    drop.add_argument(
+        "--dropout", type=float, default=None, help="dropout drop rate (1 - p)"
+    )
+    g.add_argument("--noise-std", type=float, default=0.0, help="input noise std")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=20,
+        help="early stopping patience in epochs (0: off)",
+    )
+
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--out", default=None, help="output folder (default runs/<data>-<time>)"
+    )
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoint (its saved settings; "
+        "--epochs may raise the limit)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _train(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        # Bad flag values and bad data end like argparse's own errors.
+        print(f"fnnet train: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _settings(args) -> dict:
+    """The run's settings as plain JSON values (saved to config.json)."""
+    if args.resume is not None:
+        saved = json.loads((Path(args.resume) / CONFIG_FILE).read_text())
+        if args.epochs is not None:
+            saved["epochs"] = args.epochs
+        saved["quiet"] = args.quiet
+        return saved
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    if settings["epochs"] is None:
+        settings["epochs"] = DEFAULT_EPOCHS
+    if settings["dropout"] is not None:
+        settings["keep_prob"] = 1.0 - settings["dropout"]
+    settings.pop("dropout")
+    if settings["keep_prob"] is None:
+        settings["keep_prob"] = 1.0
+    return settings
+
+
+def _train(args) -> int:
+    if args.resume is not None:
+        out = Path(args.resume)
+        for name in (CONFIG_FILE, CHECKPOINT_FILE):
+            if not (out / name).exists():
+                raise FileNotFoundError(f"--resume {out}: no {name} in that folder")
+    s = _settings(args)
+    if args.resume is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(s["out"] or f"runs/{Path(str(s['data'])).stem}-{stamp}")
+        if (out / CHECKPOINT_FILE).exists():
+            raise ValueError(
+                f"--out {out} already holds a run; use --resume {out} to continue it "
+                "or choose another folder"
+            )
+    if s["dtype"] == "float64":
+        jax.config.update("jax_enable_x64", True)
+
+    task = None if s["task"] == "auto" else s["task"]
+    ds = fdata.load_dataset(
+        s["data"],
+        target=_target(s["target"]),
+        task=task,
+        val_fraction=s["val_fraction"],
+        test_fraction=s["test_fraction"],
+        seed=s["seed"],
+    )
+    net, y_tr, y_va, y_te = _network(s, ds)
+    config = TrainConfig(
+        epochs=s["epochs"],
+        batch_size=s["batch_size"],
+        learning_rate=s["lr"],
+        optimizer=s["optimizer"],
+        momentum=s["momentum"],
+        l2=s["l2"],
+        weight_decay=s["weight_decay"],
+        decay_biases=s["decay_biases"],
+        noise_std=s["noise_std"],
+        patience=s["patience"] or None,
+        grad=s["grad"],
+        seed=s["seed"],
+    )
+    has_val = len(ds.x_val) > 0
+    if config.patience is not None and not has_val:
+        raise ValueError("--patience needs a validation split (--val-fraction > 0)")
+    params = net.init(jax.random.key(s["seed"]), dtype=jnp.dtype(s["dtype"]))
+
+    out.mkdir(parents=True, exist_ok=True)
+    if args.resume is None:
+        _write_text(out / CONFIG_FILE, json.dumps(s, indent=2) + "\n")
+    bar = _progress(config.epochs, quiet=s["quiet"])
+    if args.resume is not None and bar is not None:
+        bar.update(ckpt.load_meta(out / CHECKPOINT_FILE)["epoch"])
+
+    def on_epoch(rec):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "epoch"})
+
+    result = fit(
+        net,
+        params,
+        (ds.x_train, y_tr),
+        (ds.x_val, y_va) if has_val else None,
+        config,
+        checkpoint=out / CHECKPOINT_FILE,
+        resume=args.resume is not None,
+        on_epoch=on_epoch,
+    )
+    if bar is not None:
+        bar.close()
+    test = evaluate(net, result.params, ds.x_test, y_te)
+    metric = metric_name(net)
+    metrics = {
+        f"test_{metric}": test[metric],
+        "test_loss": test["loss"],
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stopped": result.stopped,
+        "train_seconds": round(result.train_seconds, 4),
+        "device": str(jax.devices()[0]),
+        "config": s,
+    }
+    if result.history:
+        last_best = result.history[result.best_epoch - 1]
+        metrics.update({k: v for k, v in last_best.items() if k.startswith("val_")})
+    _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _write_history(out / "history.csv", result.history)
+    _plot(out / "loss_curve.png", result.history, s["data"])
+    summary = f"test_{metric}={metrics[f'test_{metric}']:.4f}"
+    print(
+        f"{summary} test_loss={test['loss']:.4f} epochs={result.epochs_run} "
+        f"best_epoch={result.best_epoch} time={result.train_seconds:.2f}s -> {out}"
+    )
+    if result.stopped == "non_finite":
+        print(f"fnnet train: {result.message}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    return 0
+
+
+def _target(value):
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _network(s: dict, ds):
+    """The MLP for the settings and data set, and the targets in its format."""
+    loss = s["loss"] or ("cross_entropy" if ds.task == "classification" else "mse")
+    output = s["output"] or {"cross_entropy": "softmax", "bce": "sigmoid"}.get(
+        loss, "identity"
+    )
+    ys = (ds.y_train, ds.y_val, ds.y_test)
+    n_out = ds.num_outputs
+    if ds.task == "classification" and loss == "bce":
+        if ds.num_outputs != 2:
+            raise ValueError(
+                f"--loss bce needs two classes, {s['data']} has {ds.num_outputs}; "
+                "use cross_entropy"
+            )
+        n_out = 1  # one sigmoid unit: P(class 1)
+        ys = tuple(y.astype(np.float32)[:, None] for y in ys)
+    elif ds.task == "classification" and loss != "cross_entropy":
+        raise ValueError(
+            f"--loss {loss} does not fit classification; use cross_entropy or bce"
+        )
+    elif ds.task == "regression" and loss != "mse":
+        raise ValueError(f"--loss {loss} needs a classification task; use mse")
+    act = s["activation"]
+    activation = tuple(act.split(",")) if "," in act else act
+    net = MLP(
+        sizes=(ds.num_features, *s["hidden"], n_out),
+        activation=activation,
+        output=output,
+        loss=loss,
+        keep_prob=s["keep_prob"],
+    )
+    return (net, *ys)
+
+
+def _progress(total: int, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is an optional dependency
+        return None
+    return tqdm(total=total, unit="epoch", dynamic_ncols=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a file atomically: a temporary file in the same folder, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for rec in history for k in rec))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def _plot(path: Path, history: list[dict], title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is an optional dependency
+        print(
+            "fnnet train: matplotlib not installed, no loss_curve.png", file=sys.stderr
+        )
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["train_loss"] for r in history], label="train")
+    if history and "val_loss" in history[0]:
+        ax.plot(epochs, [r["val_loss"] for r in history], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cost J (mean loss per example)")
+    ax.set_title(f"fnnet train: {Path(str(title)).name}")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,521 @@
+"""Training: seed 001's SGD, optax optimizers, regularization, early stopping.
+
+One step is forward, backward, update. A whole epoch (shuffle, then every
+mini-batch) is ONE compiled call: ``jax.lax.scan`` over the batches, so small
+networks are not dominated by Python dispatch. The gradient comes from the
+hand-written backward pass (``grad="hand"``, the default) or from ``jax.grad``
+of the same cost (``grad="auto"``); nothing else changes between the two.
+
+Regularization (seed 001, DERIVATION "Regularization"):
+
+* ``l2 = alpha``: J~ = J + (alpha/2) ||W||^2, hand gradient dJ~/dW = dJ/dW + alpha W.
+* ``weight_decay = beta``: the decoupled update theta <- theta - beta theta + u,
+  u the optimizer's update. With plain SGD, u = -lr dJ/dtheta and this equals
+  the L2 update when beta = lr * alpha.
+* Both leave biases alone unless ``decay_biases=True`` (biases do not add to
+  the capacity that the penalty is meant to limit).
+* ``MLP(keep_prob=p)``: inverted dropout in training steps only.
+* ``noise_std = s``: Gaussian noise N(0, s^2) added to each training input.
+* ``patience = k``: stop after k epochs without a better validation loss and
+  return the best parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fnnet import checkpoint as ckpt
+from fnnet import losses
+from fnnet.network import (
+    MLP,
+    _cost_impl,
+    _prepare,
+    backprop_impl,
+    dropout_masks,
+    forward_cache,
+)
+from fnnet.types import Array, Grads, Params
+
+GRADS = ("hand", "auto")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the network and the data.
+
+    Hashable Python values only, so it can be a static argument of ``jit``.
+    """
+
+    epochs: int = 100
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    l2: float = 0.0
+    weight_decay: float = 0.0
+    decay_biases: bool = False
+    noise_std: float = 0.0
+    patience: int | None = None
+    grad: str = "hand"
+    seed: int = 0
+
+    def __post_init__(self):
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        positive_int("epochs")
+        positive_int("batch_size")
+        if self.patience is not None:
+            positive_int("patience")
+        for name in ("learning_rate", "momentum", "l2", "weight_decay", "noise_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if self.learning_rate == 0:
+            raise ValueError("learning_rate must be > 0, got 0.0")
+        if self.weight_decay >= 1:
+            raise ValueError(
+                f"weight_decay is the fraction removed per step and must be < 1, "
+                f"got {self.weight_decay}"
+            )
+        if self.grad not in GRADS:
+            raise ValueError(f"grad must be one of {GRADS}, got {self.grad!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
+
+    def step_part(self) -> TrainConfig:
+        """The settings a training step depends on (the key of its compilation).
+
+        The number of epochs, the patience and the seed only steer the loop
+        around the compiled epoch; leaving them out lets runs that differ in
+        those alone share one compiled function.
+        """
+        return dataclasses.replace(self, epochs=1, patience=None, seed=0)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation | None:
+    """The optax transformation named by ``config.optimizer``.
+
+    ``"sgd"`` returns None: plain SGD is applied by hand as seed 001 writes it,
+    ``W <- W - lr dJ/dW``. Cached, so equal configs share one object and so
+    one compiled epoch.
+    """
+    return _make_optimizer(config.step_part())
+
+
+@functools.lru_cache(maxsize=64)
+def _make_optimizer(config: TrainConfig) -> optax.GradientTransformation | None:
+    lr, name = config.learning_rate, config.optimizer
+    if name == "sgd":
+        return None
+    if name == "momentum":
+        return optax.sgd(lr, momentum=config.momentum)
+    if name == "nesterov":
+        return optax.sgd(lr, momentum=config.momentum, nesterov=True)
+    if name == "adam":
+        return optax.adam(lr)
+    return optax.rmsprop(lr)
+
+
+class TrainState(NamedTuple):
+    """What one step changes: the parameters and the optimizer state."""
+
+    params: Params
+    opt_state: Any
+
+
+def init_state(
+    params: Params, optimizer: optax.GradientTransformation | None
+) -> TrainState:
+    if optimizer is None:
+        return TrainState(params, ())
+    with jax.numpy_dtype_promotion("standard"):
+        return TrainState(params, optimizer.init(params))
+
+
+# --------------------------------------------------------------------- a step
+
+
+def _decayed(name: str, config: TrainConfig) -> bool:
+    return name == "W" or config.decay_biases
+
+
+def l2_penalty(params: Params, config: TrainConfig) -> Array:
+    """(alpha/2) ||theta||^2 over the decayed leaves."""
+    total = sum(
+        jnp.sum(jnp.square(leaf))
+        for layer in params
+        for name, leaf in layer.items()
+        if _decayed(name, config)
+    )
+    return 0.5 * config.l2 * total
+
+
+def l2_grad(params: Params, grads: Grads, config: TrainConfig) -> Grads:
+    """dJ~/dtheta = dJ/dtheta + alpha theta, on the decayed leaves."""
+    return tuple(
+        {
+            name: g + config.l2 * layer[name] if _decayed(name, config) else g
+            for name, g in glayer.items()
+        }
+        for layer, glayer in zip(params, grads, strict=True)
+    )
+
+
+def loss_and_grads(net: MLP, config: TrainConfig, params, x, y, key):
+    """J~ (with the L2 penalty) and its gradient, from the configured source.
+
+    x and y are already prepared (parameters' dtype, y shaped); ``key`` drives
+    dropout and input noise and may be None when neither is on.
+    """
+    masks = None
+    if key is not None:
+        k_mask, k_noise = jax.random.split(key)
+        if config.noise_std > 0:
+            noise = jax.random.normal(k_noise, x.shape, x.dtype)
+            x = x + jnp.asarray(config.noise_std, x.dtype) * noise
+        if net.keep_prob < 1:
+            masks = dropout_masks(net, k_mask, x.shape[:-1], x.dtype)
+    if config.grad == "hand":
+        J, grads, _, _ = backprop_impl(net, params, x, y, masks)
+        if config.l2 > 0:
+            J = J + l2_penalty(params, config)
+            grads = l2_grad(params, grads, config)
+        return J, grads
+
+    def J_tilde(p):
+        J = _cost_impl(net, p, x, y, masks)
+        return J + l2_penalty(p, config) if config.l2 > 0 else J
+
+    return jax.value_and_grad(J_tilde)(params)
+
+
+def apply_update(
+    config: TrainConfig,
+    optimizer: optax.GradientTransformation | None,
+    state: TrainState,
+    grads: Grads,
+) -> TrainState:
+    """One update: plain SGD or the optax transformation, then weight decay."""
+    params, opt_state = state
+    if optimizer is None:  # seed 001: theta <- theta - lr dJ/dtheta
+        lr = config.learning_rate
+        new = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    else:
+        # optax mixes Python floats with int32 step counts, which a process
+        # that set jax_numpy_dtype_promotion="strict" would reject.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+        new = optax.apply_updates(params, updates)
+    if config.weight_decay > 0:  # decoupled: theta <- theta - beta theta + u
+        beta = config.weight_decay
+        new = tuple(
+            {
+                name: t - beta * layer[name] if _decayed(name, config) else t
+                for name, t in new_layer.items()
+            }
+            for layer, new_layer in zip(params, new, strict=True)
+        )
+    return TrainState(new, opt_state)
+
+
+def train_step(net, config, optimizer, state: TrainState, x, y, key=None):
+    """Forward, backward, update on one mini-batch. Returns (state, J~)."""
+    J, grads = loss_and_grads(net, config, state.params, x, y, key)
+    return apply_update(config, optimizer, state, grads), J
+
+
+# --------------------------------------------------------------------- an epoch
+
+
+def _needs_key(net: MLP, config: TrainConfig) -> bool:
+    return net.keep_prob < 1 or config.noise_std > 0
+
+
+def _all_finite(tree) -> Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in leaves]))
+
+
+def run_epoch(net, config, optimizer, state: TrainState, X, Y, key):
+    """Shuffle with ``key`` and take one step per full mini-batch, in one scan.
+
+    The last ``N mod batch_size`` examples of each shuffle are left out of
+    that epoch (a different few every epoch). If any step produced a
+    non-finite loss or parameters, the state from before the epoch is
+    returned with ``ok = False``.
+
+    Returns:
+      ``(state, losses, ok)``: losses of shape (batches,).
+    """
+    n = X.shape[0]
+    B = min(config.batch_size, n)
+    nb = n // B
+    k_perm, k_steps = jax.random.split(key)
+    perm = jax.random.permutation(k_perm, n)[: nb * B]
+    Xb = X[perm].reshape(nb, B, *X.shape[1:])
+    Yb = Y[perm].reshape(nb, B, *Y.shape[1:])
+    keys = jax.random.split(k_steps, nb) if _needs_key(net, config) else None
+
+    def body(st, batch):
+        x, y, k = batch
+        return train_step(net, config, optimizer, st, x, y, k)
+
+    new_state, batch_losses = jax.lax.scan(body, state, (Xb, Yb, keys))
+    ok = jnp.all(jnp.isfinite(batch_losses)) & _all_finite(new_state.params)
+    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    return kept, batch_losses, ok
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
+def _run_epoch_jit(net, config, optimizer, state, X, Y, key):
+    return run_epoch(net, config, optimizer, state, X, Y, key)
+
+
+def epoch_key(base_key: Array, epoch: int) -> Array:
+    """The key of epoch ``epoch`` (1-based): the same whether or not a run resumed."""
+    return jax.random.fold_in(base_key, epoch)
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate(net: MLP, params, X, Y):
+    """J and the metric on prepared arrays, in evaluation mode (no dropout)."""
+    a_list, z_list = forward_cache(net, params, X)
+    a_L, yhat = a_list[-1], z_list[-1]
+    J = jnp.mean(losses.per_example_loss(net.loss, a_L, yhat, Y))
+    if net.loss == "cross_entropy":
+        labels = Y if jnp.issubdtype(Y.dtype, jnp.integer) else jnp.argmax(Y, -1)
+        predicted = jnp.argmax(a_L, axis=-1).astype(labels.dtype)
+        return J, jnp.mean(predicted == labels)
+    if net.loss == "bce":  # one or several independent binary labels
+        return J, jnp.mean((a_L > 0) == (Y > 0.5))
+    ss_res = jnp.sum(jnp.square(Y - yhat), axis=0)
+    ss_tot = jnp.sum(jnp.square(Y - jnp.mean(Y, axis=0, keepdims=True)), axis=0)
+    return J, jnp.mean(1.0 - ss_res / ss_tot)
+
+
+def metric_name(net: MLP) -> str:
+    """ "accuracy" for bce / cross_entropy networks, "r2" for mse ones."""
+    return "r2" if net.loss == "mse" else "accuracy"
+
+
+def evaluate(net: MLP, params: Params, x, y) -> dict[str, float]:
+    """The cost J and the metric (accuracy, or R^2 averaged over targets)."""
+    net._check_params(params)
+    x = net._check_x(x)
+    y = net._check_y(y, x)
+    return _evaluation_record(net, params, *_prepare(net, params, x, y))
+
+
+def _evaluation_record(net, params, X, Y) -> dict[str, float]:
+    J, m = _evaluate(net, params, X, Y)
+    return {"loss": float(J), metric_name(net): float(m)}
+
+
+# --------------------------------------------------------------------- fitting
+
+
+@dataclasses.dataclass
+class FitResult:
+    params: Params  # the best parameters (by validation loss) or the last ones
+    state: TrainState  # the state at the end of the last epoch run
+    history: list[dict[str, float]]
+    best_epoch: int
+    epochs_run: int
+    stopped: str  # "completed", "early_stopping" or "non_finite"
+    train_seconds: float
+    message: str = ""
+
+
+def fit(
+    net: MLP,
+    params: Params,
+    train: tuple[Array, Array],
+    val: tuple[Array, Array] | None = None,
+    config: TrainConfig = TrainConfig(),
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``net`` from ``params`` on ``train``, watching ``val``.
+
+    Args:
+      net: the network (its ``keep_prob`` turns dropout on).
+      params: initial parameters (also the template when resuming).
+      train: (x, y) training arrays, checked like :meth:`MLP.backprop`'s.
+      val: optional (x, y) validation arrays for early stopping and history.
+      config: the run's settings; ``config.seed`` seeds shuffling, dropout
+        and noise (initialisation is the caller's, from its own key).
+      optimizer: any optax transformation fed by the hand gradients; default
+        the one named by ``config.optimizer`` (plain SGD for "sgd").
+      checkpoint: file to write after every epoch (atomically) and to read
+        when ``resume``.
+      resume: continue from ``checkpoint``; the final parameters are
+        bit-identical to an uninterrupted run.
+      on_epoch: called with each epoch's history record.
+
+    Returns:
+      A :class:`FitResult`. A non-finite loss stops training (``stopped =
+      "non_finite"``) with the parameters of the last good epoch.
+    """
+    if config.patience is not None and val is None:
+        raise ValueError("config.patience needs a validation split, got val=None")
+    net._check_params(params)
+    x_tr = net._check_x(train[0])
+    if x_tr.ndim != 2:
+        raise ValueError(f"train x must be a batch (N, D), got shape {x_tr.shape}")
+    X, Y = _prepare(net, params, x_tr, net._check_y(train[1], x_tr))
+    if val is not None:
+        x_va = net._check_x(val[0])
+        val = _prepare(net, params, x_va, net._check_y(val[1], x_va))
+    if optimizer is None:
+        optimizer = make_optimizer(config)
+    base_key = jax.random.key(config.seed)
+    # The epoch donates its input state, so the run owns copies of its arrays.
+    state = _copy(init_state(params, optimizer))
+    loop = _Loop(best_params=_copy(params))
+    if resume:
+        if checkpoint is None:
+            raise ValueError("resume=True needs a checkpoint path")
+        state, loop, base_key = _load(checkpoint, state, loop, base_key, config, net)
+
+    metric = metric_name(net)
+    step_config = config.step_part()
+    stopped, message = "completed", ""
+    start = time.perf_counter()
+    while loop.epoch < config.epochs:
+        epoch = loop.epoch + 1
+        state, batch_losses, ok = _run_epoch_jit(
+            net, step_config, optimizer, state, X, Y, epoch_key(base_key, epoch)
+        )
+        if not bool(ok):
+            stopped = "non_finite"
+            message = (
+                f"non-finite loss in epoch {epoch}: stopped, keeping the parameters "
+                f"of epoch {epoch - 1} (try a smaller learning rate)"
+            )
+            break
+        record = {"epoch": epoch, "batch_loss": float(jnp.mean(batch_losses))}
+        train_eval = _evaluation_record(net, state.params, X, Y)
+        record["train_loss"], record[f"train_{metric}"] = train_eval.values()
+        improved = True
+        if val is not None:
+            val_eval = _evaluation_record(net, state.params, *val)
+            record["val_loss"], record[f"val_{metric}"] = val_eval.values()
+            improved = val_eval["loss"] < loop.best_val
+            if improved:
+                loop.best_val = val_eval["loss"]
+        if improved:
+            loop.best_epoch, loop.bad_epochs = epoch, 0
+            loop.best_params = _copy(state.params)
+        else:
+            loop.bad_epochs += 1
+        loop.epoch = epoch
+        loop.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if checkpoint is not None:
+            _save(checkpoint, state, loop, base_key, config, net)
+        if config.patience is not None and loop.bad_epochs >= config.patience:
+            stopped = "early_stopping"
+            break
+    seconds = time.perf_counter() - start
+    return FitResult(
+        params=loop.best_params if val is not None else state.params,
+        state=state,
+        history=loop.history,
+        best_epoch=loop.best_epoch,
+        epochs_run=loop.epoch,
+        stopped=stopped,
+        train_seconds=seconds,
+        message=message,
+    )
+
+
+def _copy(tree):
+    return jax.tree.map(lambda t: jnp.array(t, copy=True), tree)
+
+
+@dataclasses.dataclass
+class _Loop:
+    """Host-side bookkeeping of a run, saved with each checkpoint."""
+
+    best_params: Params
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val: float = math.inf
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def _save(path, state, loop, base_key, config, net):
+    tree = {"state": state, "best_params": loop.best_params, "key": base_key}
+    meta = {
+        "epoch": loop.epoch,
+        "best_epoch": loop.best_epoch,
+        "best_val": loop.best_val if math.isfinite(loop.best_val) else None,
+        "bad_epochs": loop.bad_epochs,
+        "history": loop.history,
+        "train_config": dataclasses.asdict(config),
+        "net": dataclasses.asdict(net),
+    }
+    ckpt.save(path, tree, meta)
+
+
+def _load(path, state, loop, base_key, config, net):
+    meta = ckpt.load_meta(path)
+    saved_net = meta.get("net")
+    if saved_net != json_roundtrip(dataclasses.asdict(net)):
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint is for network {saved_net}, "
+            f"not {dataclasses.asdict(net)}"
+        )
+    saved = dict(meta.get("train_config", {}))
+    ours = json_roundtrip(dataclasses.asdict(config))
+    diff = sorted(k for k in ours if k != "epochs" and saved.get(k) != ours[k])
+    if diff:
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint was written with other training settings: "
+            + ", ".join(f"{k}={saved.get(k)!r} (now {ours[k]!r})" for k in diff)
+        )
+    template = {"state": state, "best_params": loop.best_params, "key": base_key}
+    tree, meta = ckpt.load(path, template)
+    best_val = meta["best_val"]
+    loop = _Loop(
+        best_params=tree["best_params"],
+        epoch=int(meta["epoch"]),
+        best_epoch=int(meta["best_epoch"]),
+        best_val=math.inf if best_val is None else float(best_val),
+        bad_epochs=int(meta["bad_epochs"]),
+        history=list(meta["history"]),
+    )
+    return TrainState(*tree["state"]), loop, tree["key"]
+
+
+def json_roundtrip(obj):
+    """obj as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))

@@ -1,0 +1,221 @@
+"""The command line, run as a user would: flags, files written, bad input, resume."""
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fnnet import checkpoint as ckpt
+from fnnet.cli import build_parser, main
+
+FAST = ["--quiet", "--hidden", "16", "--epochs", "3"]
+
+
+def _run(tmp_path, *flags, name="run"):
+    out = tmp_path / name
+    code = main(["train", "--out", str(out), *flags])
+    return code, out
+
+
+def _ckpt_leaves(path):
+    """Every array of a checkpoint file, by member name (no template needed)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_train_writes_every_result_file(tmp_path, capsys):
+    code, out = _run(tmp_path, *FAST)
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"metrics.json", "history.csv", "checkpoint.npz", "config.json"} <= names
+    assert "loss_curve.png" in names
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_loss", "epochs_run", "best_epoch"):
+        assert key in m
+    assert {"train_seconds", "config"} <= set(m)
+    assert 0.5 < m["test_accuracy"] <= 1 and m["epochs_run"] == 3
+    assert m["config"]["data"] == "digits" and m["config"]["grad"] == "hand"
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(rows[0])
+    assert "test_accuracy=" in capsys.readouterr().out
+
+
+def test_regression_reports_r2(tmp_path):
+    code, out = _run(tmp_path, "--data", "diabetes", *FAST)
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "test_r2" in m and "test_accuracy" not in m
+
+
+def test_bce_on_two_classes(tmp_path):
+    flags = ["--data", "breast_cancer", "--loss", "bce", "--quiet", "--epochs", "20"]
+    code, out = _run(tmp_path, *flags)
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_accuracy"] > 0.9
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flags = (
+        "--data --hidden --activation --output --loss --optimizer --lr --epochs "
+        "--batch-size --l2 --weight-decay --dropout --keep-prob --patience --seed "
+        "--grad --out --resume --quiet --noise-std"
+    ).split()
+    for flag in flags:
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lr", "-1"], "learning_rate must be finite and >= 0"),
+        (["--epochs", "0"], "epochs must be a positive int"),
+        (["--batch-size", "0"], "batch_size must be a positive int"),
+        (["--activation", "swish"], "activation 'swish' is not supported"),
+        (["--hidden", "-4"], "sizes must be positive ints"),
+        (["--keep-prob", "1.5"], r"keep_prob must be a float in \(0, 1\]"),
+        (["--data", "mnist"], "mnist"),
+        (["--data", "wine", "--loss", "bce"], "bce needs two classes"),
+        (["--data", "diabetes", "--loss", "cross_entropy"], "needs a classification"),
+    ],
+)
+def test_bad_values_exit_2_with_a_message(tmp_path, capsys, flags, message):
+    code, _ = _run(tmp_path, "--quiet", *flags)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fnnet train: error:" in err
+    assert re.search(message, err)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--optimizer", "lbfgs"], ["--epochs", "ten"], ["--grad", "numeric"]]
+)
+def test_argparse_rejects_bad_choices_with_exit_2(flags):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *flags])
+    assert exit_info.value.code == 2
+
+
+def test_csv_files_good_and_broken(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 3))
+    y = (x[:, 0] + x[:, 1] > 0).astype(int)
+    good = tmp_path / "good.csv"
+    with good.open("w") as f:
+        f.write("a,b,c,label\n")
+        for row, label in zip(x, y, strict=True):
+            f.write(",".join(f"{v:.5f}" for v in row) + f",{label}\n")
+    code, out = _run(tmp_path, "--data", str(good), *FAST)
+    assert code == 0
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] > 0.7
+
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text(good.read_text() + "1.0,2.0\n")
+    code, _ = _run(tmp_path, "--data", str(ragged), *FAST, name="r2")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "ragged.csv" in err
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    code, out = _run(tmp_path, *FAST)
+    assert code == 0
+    before = (out / "checkpoint.npz").read_bytes()
+    code, _ = _run(tmp_path, *FAST)
+    assert code == 2 and "--resume" in capsys.readouterr().err
+    assert (out / "checkpoint.npz").read_bytes() == before
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    flags = ["--quiet", "--hidden", "16", "--keep-prob", "0.9", "--patience", "50"]
+    code, full = _run(tmp_path, *flags, "--epochs", "6", name="full")
+    assert code == 0
+    code, part = _run(tmp_path, *flags, "--epochs", "2", name="part")
+    assert code == 0
+    assert main(["train", "--resume", str(part), "--epochs", "6", "--quiet"]) == 0
+    a = _ckpt_leaves(full / "checkpoint.npz")
+    b = _ckpt_leaves(part / "checkpoint.npz")
+    for name in a:
+        if "state" in name or "best_params" in name:
+            np.testing.assert_array_equal(a[name], b[name])
+    ma = json.loads((full / "metrics.json").read_text())
+    mb = json.loads((part / "metrics.json").read_text())
+    assert ma["test_accuracy"] == mb["test_accuracy"] and mb["epochs_run"] == 6
+
+
+def test_resume_of_a_folder_without_a_run_exits_2(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
+    # A real process killed (SIGKILL) mid-run: the checkpoint on disk is the
+    # last complete one, and --resume finishes the run.
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fnnet", "train", "--out", str(out), "--quiet"]
+    cmd += ["--hidden", "64", "--epochs", "400", "--patience", "400"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    path = out / "checkpoint.npz"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and ckpt.load_meta(path)["epoch"] >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    meta = ckpt.load_meta(path)
+    assert 3 <= meta["epoch"] < 400
+    leaves = _ckpt_leaves(path)
+    assert all(np.isfinite(v).all() for k, v in leaves.items() if v.dtype.kind == "f")
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(out),
+                "--epochs",
+                str(meta["epoch"] + 2),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        json.loads((out / "metrics.json").read_text())["epochs_run"]
+        == meta["epoch"] + 2
+    )
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    del tmp_path
+    result = subprocess.run(
+        [sys.executable, "-m", "fnnet", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and "--grad" in result.stdout
+
+
+def test_float64_runs(tmp_path):
+    code, out = _run(tmp_path, "--dtype", "float64", *FAST)
+    assert code == 0
+    assert (
+        json.loads((out / "metrics.json").read_text())["config"]["dtype"] == "float64"
+    )

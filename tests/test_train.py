@@ -1,0 +1,356 @@
+"""Training: steps, epochs, optimizers, regularization, early stopping, resume."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fnnet
+from fnnet import checkpoint as ckpt
+from fnnet import train
+from fnnet.train import TrainConfig, TrainState, fit
+
+NET = fnnet.MLP((4, 8, 3), activation="tanh", output="softmax", loss="cross_entropy")
+
+
+def _blobs(n, seed, dtype=np.float64):
+    """Three well-separated Gaussian blobs in 4-D: a task a small net learns."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    centers = np.array([[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0]], float)
+    x = centers[y] + 0.5 * rng.standard_normal((n, 4))
+    return x.astype(dtype), y
+
+
+X_TR, Y_TR = _blobs(96, 0)
+X_VA, Y_VA = _blobs(48, 1)
+
+
+def _params(net=NET, dtype=jnp.float64, seed=0):
+    return net.init(jax.random.key(seed), dtype)
+
+
+def _assert_trees_equal(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert u.dtype == v.dtype
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def _assert_trees_close(a, b, rtol):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=0)
+
+
+def _step_inputs(net=NET, n=8):
+    params = _params(net)
+    x = jnp.asarray(X_TR[:n])
+    y = jnp.asarray(Y_TR[:n])
+    return params, x, y
+
+
+# ------------------------------------------------------------------ one step
+
+
+def test_plain_sgd_step_is_seed_001_update():
+    # W <- W - lr dJ/dW, b <- b - lr dJ/db, with the hand gradients.
+    cfg = TrainConfig(learning_rate=0.3, optimizer="sgd")
+    params, x, y = _step_inputs()
+    _, grads = NET.backprop(params, x, y)
+    step = jax.jit(train.train_step, static_argnums=(0, 1, 2))
+    state, J = step(NET, cfg, None, TrainState(params, ()), x, y)
+    expected = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
+    # Equal up to the last bit that XLA's fused kernels may round differently.
+    _assert_trees_close(state.params, expected, 1e-15)
+    np.testing.assert_allclose(J, NET.cost(params, x, y), rtol=1e-15)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "nesterov", "adam", "rmsprop"])
+def test_optax_step_is_fed_by_hand_gradients(optimizer):
+    cfg = TrainConfig(learning_rate=0.01, optimizer=optimizer)
+    tx = train.make_optimizer(cfg)
+    params, x, y = _step_inputs()
+    state = train.init_state(params, tx)
+    new, _ = train.train_step(NET, cfg, tx, state, x, y)
+    _, grads = NET.backprop(params, x, y)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, _ = tx.update(grads, tx.init(params), params)
+    _assert_trees_close(new.params, optax.apply_updates(params, updates), 1e-14)
+
+
+def test_any_optax_transformation_can_be_passed():
+    # A chain with clipping and a schedule: state is a pytree, update works.
+    tx = optax.chain(
+        optax.clip_by_global_norm(0.1),
+        optax.adamw(optax.cosine_decay_schedule(1e-2, 100), weight_decay=1e-3),
+    )
+    result = fit(
+        NET, _params(), (X_TR, Y_TR), None, TrainConfig(epochs=3), optimizer=tx
+    )
+    assert result.epochs_run == 3
+    assert len(jax.tree.leaves(result.state.opt_state)) > 2
+
+
+def test_hand_and_auto_give_the_same_step():
+    for cfg in [
+        TrainConfig(l2=0.1),
+        TrainConfig(optimizer="adam", learning_rate=0.01, weight_decay=0.01),
+    ]:
+        tx = train.make_optimizer(cfg)
+        params, x, y = _step_inputs()
+        state = train.init_state(params, tx)
+        hand, J_hand = train.train_step(NET, cfg, tx, state, x, y)
+        auto_cfg = dataclasses.replace(cfg, grad="auto")
+        auto, J_auto = train.train_step(NET, auto_cfg, tx, state, x, y)
+        np.testing.assert_allclose(J_hand, J_auto, rtol=1e-14)
+        _assert_trees_close(hand.params, auto.params, 1e-12)
+
+
+# ------------------------------------------------------------- regularization
+
+
+@pytest.mark.parametrize("decay_biases", [False, True])
+def test_l2_hand_gradient_matches_jax_grad(decay_biases):
+    cfg = TrainConfig(l2=0.05, decay_biases=decay_biases)
+    params, x, y = _step_inputs()
+    J, grads = train.loss_and_grads(NET, cfg, params, x, y, None)
+    J_auto, grads_auto = jax.value_and_grad(
+        lambda p: NET.cost(p, x, y) + train.l2_penalty(p, cfg)
+    )(params)
+    np.testing.assert_allclose(J, J_auto, rtol=1e-14)
+    _assert_trees_close(grads, grads_auto, 1e-12)
+    # The stated choice: biases are decayed only on request.
+    _, plain = NET.backprop(params, x, y)
+    for layer, g, g0 in zip(params, grads, plain, strict=True):
+        np.testing.assert_allclose(g["W"], g0["W"] + 0.05 * layer["W"], rtol=1e-13)
+        b_term = 0.05 * layer["b"] if decay_biases else 0.0
+        np.testing.assert_allclose(g["b"], g0["b"] + b_term, rtol=1e-13)
+
+
+def test_l2_and_weight_decay_give_the_same_sgd_update():
+    # SGD with L2 alpha: theta - lr (g + alpha theta) = (1 - lr alpha) theta - lr g,
+    # the decoupled update with beta = lr alpha.
+    lr, alpha = 0.2, 0.03
+    params, x, y = _step_inputs()
+    state = TrainState(params, ())
+    with_l2, _ = train.train_step(
+        NET, TrainConfig(learning_rate=lr, l2=alpha), None, state, x, y
+    )
+    with_wd, _ = train.train_step(
+        NET, TrainConfig(learning_rate=lr, weight_decay=lr * alpha), None, state, x, y
+    )
+    _assert_trees_close(with_l2.params, with_wd.params, 1e-14)
+    assert not np.allclose(with_l2.params[0]["W"], params[0]["W"] - 0)
+
+
+def test_dropout_hand_equals_auto_with_the_same_key():
+    net = dataclasses.replace(NET, keep_prob=0.7)
+    cfg = TrainConfig()
+    params, x, y = _step_inputs(net)
+    key = jax.random.key(5)
+    J, g = train.loss_and_grads(net, cfg, params, x, y, key)
+    J2, g2 = train.loss_and_grads(
+        net, dataclasses.replace(cfg, grad="auto"), params, x, y, key
+    )
+    np.testing.assert_allclose(J, J2, rtol=1e-14)
+    _assert_trees_close(g, g2, 1e-12)
+    # A different key gives a different mask, so a different gradient.
+    _, g3 = train.loss_and_grads(net, cfg, params, x, y, jax.random.key(6))
+    assert not np.allclose(g[0]["W"], g3[0]["W"])
+
+
+def test_dropout_is_off_at_evaluation():
+    net = dataclasses.replace(NET, keep_prob=0.5)
+    params = _params()
+    ev = train.evaluate(net, params, X_VA, Y_VA)
+    assert ev == train.evaluate(NET, params, X_VA, Y_VA)
+
+
+def test_input_noise_changes_the_batch_and_both_sources_agree():
+    cfg = TrainConfig(noise_std=0.3)
+    params, x, y = _step_inputs()
+    key = jax.random.key(2)
+    J, g = train.loss_and_grads(NET, cfg, params, x, y, key)
+    J2, g2 = train.loss_and_grads(
+        NET, dataclasses.replace(cfg, grad="auto"), params, x, y, key
+    )
+    _assert_trees_close(g, g2, 1e-12)
+    assert J != NET.cost(params, x, y)
+
+
+# --------------------------------------------------------------------- epochs
+
+
+def test_an_epoch_is_one_compiled_call_that_does_not_retrace():
+    cfg = TrainConfig(epochs=4, batch_size=16, learning_rate=0.05)
+    fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
+    size = train._run_epoch_jit._cache_size()
+    fit(
+        NET,
+        _params(seed=1),
+        (X_TR, Y_TR),
+        (X_VA, Y_VA),
+        dataclasses.replace(cfg, epochs=6),
+    )
+    assert train._run_epoch_jit._cache_size() == size
+
+
+def test_run_epoch_takes_every_full_batch_once():
+    cfg = TrainConfig(batch_size=10)
+    params = _params()
+    state = TrainState(params, ())
+    X, Y = jnp.asarray(X_TR), jnp.asarray(Y_TR)
+    _, losses, ok = train.run_epoch(NET, cfg, None, state, X, Y, jax.random.key(0))
+    assert losses.shape == (96 // 10,) and bool(ok)
+
+
+def test_training_learns_and_is_deterministic():
+    cfg = TrainConfig(epochs=15, batch_size=16, learning_rate=0.1)
+    a = fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
+    b = fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
+    _assert_trees_equal(a.params, b.params)
+    assert a.history == b.history
+    assert a.history[-1]["val_accuracy"] > 0.95
+    assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
+
+
+def test_hand_and_auto_runs_agree():
+    cfg = TrainConfig(epochs=5, batch_size=16, learning_rate=0.1)
+    hand = fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
+    auto = fit(
+        NET,
+        _params(),
+        (X_TR, Y_TR),
+        (X_VA, Y_VA),
+        dataclasses.replace(cfg, grad="auto"),
+    )
+    _assert_trees_close(hand.params, auto.params, 1e-10)
+
+
+def test_fit_leaves_the_callers_params_intact():
+    params = _params()
+    before = jax.tree.map(np.array, params)
+    fit(NET, params, (X_TR, Y_TR), None, TrainConfig(epochs=2))
+    _assert_trees_equal(params, before)  # the epoch donates only its own copies
+
+
+# ------------------------------------------------------------ early stopping
+
+
+def test_early_stopping_restores_the_best_parameters():
+    # Validation labels that disagree with the training rule: the validation
+    # loss gets worse as the network learns the training set.
+    y_bad = (Y_VA + 1) % 3
+    cfg = TrainConfig(epochs=100, batch_size=16, learning_rate=0.1, patience=3)
+    result = fit(NET, _params(), (X_TR, Y_TR), (X_VA, y_bad), cfg)
+    assert result.stopped == "early_stopping"
+    assert result.epochs_run == result.best_epoch + 3 < 100
+    best = result.history[result.best_epoch - 1]
+    assert best["val_loss"] == min(r["val_loss"] for r in result.history)
+    assert train.evaluate(NET, result.params, X_VA, y_bad)["loss"] == best["val_loss"]
+
+
+def test_patience_without_validation_is_an_error():
+    with pytest.raises(ValueError, match="patience needs a validation split"):
+        fit(NET, _params(), (X_TR, Y_TR), None, TrainConfig(patience=2))
+
+
+# ------------------------------------------------------------ numerical faults
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_parameters(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    big = X_TR * 1e3
+    cfg = TrainConfig(epochs=30, learning_rate=1e3, batch_size=8)
+    net = fnnet.MLP((4, 8, 3), activation="relu", output="identity", loss="mse")
+    y = np.eye(3)[Y_TR]
+    result = fit(net, _params(net), (big, y), None, cfg, checkpoint=path)
+    assert result.stopped == "non_finite"
+    bad = result.epochs_run + 1
+    assert f"non-finite loss in epoch {bad}" in result.message
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result.params))
+    if result.epochs_run:
+        tree, meta = ckpt.load(path, _checkpoint_template(net, cfg))
+        assert meta["epoch"] == result.epochs_run
+        _assert_trees_equal(tree["state"].params, result.state.params)
+
+
+def _checkpoint_template(net, cfg):
+    params = _params(net)
+    state = train.init_state(params, train.make_optimizer(cfg))
+    return {"state": state, "best_params": params, "key": jax.random.key(0)}
+
+
+# ------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, optimizer):
+    net = dataclasses.replace(NET, keep_prob=0.8)  # dropout: keys matter too
+    cfg = TrainConfig(
+        epochs=6, batch_size=16, learning_rate=0.05, optimizer=optimizer, patience=50
+    )
+    full = fit(net, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
+    path = tmp_path / "run.npz"
+    first = dataclasses.replace(cfg, epochs=2)
+    fit(net, _params(), (X_TR, Y_TR), (X_VA, Y_VA), first, checkpoint=path)
+    resumed = fit(
+        net, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg, checkpoint=path, resume=True
+    )
+    _assert_trees_equal(resumed.state, full.state)
+    _assert_trees_equal(resumed.params, full.params)
+    assert resumed.history == full.history and resumed.best_epoch == full.best_epoch
+
+
+def test_resume_rejects_a_checkpoint_of_other_settings(tmp_path):
+    path = tmp_path / "run.npz"
+    cfg = TrainConfig(epochs=1)
+    fit(NET, _params(), (X_TR, Y_TR), None, cfg, checkpoint=path)
+    with pytest.raises(ckpt.CheckpointError, match="learning_rate=0.1 .now 0.2"):
+        fit(
+            NET,
+            _params(),
+            (X_TR, Y_TR),
+            None,
+            dataclasses.replace(cfg, learning_rate=0.2, epochs=2),
+            checkpoint=path,
+            resume=True,
+        )
+    other = fnnet.MLP(
+        (4, 5, 3), activation="tanh", output="softmax", loss="cross_entropy"
+    )
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint is for network"):
+        fit(
+            other, _params(other), (X_TR, Y_TR), None, cfg, checkpoint=path, resume=True
+        )
+
+
+# -------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs must be a positive int, got 0"),
+        ({"batch_size": -2}, "batch_size must be a positive int, got -2"),
+        ({"learning_rate": -1.0}, r"learning_rate must be finite and >= 0, got -1.0"),
+        ({"learning_rate": float("nan")}, "learning_rate must be finite"),
+        ({"l2": "x"}, "l2 must be a number, got 'x'"),
+        ({"weight_decay": 1.5}, "weight_decay is the fraction removed per step"),
+        ({"grad": "numeric"}, r"grad must be one of \('hand', 'auto'\), got 'numeric'"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+        ({"patience": 0}, "patience must be a positive int, got 0"),
+    ],
+)
+def test_bad_settings_are_rejected(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        TrainConfig(**kwargs)
+
+
+def test_bad_training_data_is_rejected():
+    with pytest.raises(ValueError, match=r"x must have shape \(4,\) or \(N, 4\)"):
+        fit(NET, _params(), (X_TR[:, :3], Y_TR))
+    with pytest.raises(ValueError, match=r"labels outside \[0, 3\)"):
+        fit(NET, _params(), (X_TR, Y_TR + 1))
