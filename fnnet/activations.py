@@ -110,8 +110,16 @@ def leaky_relu_prime(a: Array) -> Array:
 
 
 def softplus(a: Array) -> Array:
-    """log(1 + e^a) = max(a, 0) + log1p(e^-|a|): no overflow for large a."""
-    return jnp.maximum(a, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(a)))
+    """log(1 + e^a), as a + log1p(e^-a) for a > 0 and log1p(e^a) otherwise.
+
+    Neither branch overflows, and each ``where`` branch only ever sees its own
+    side of 0, so ``jax.grad`` gets sigma(a) everywhere, 1/2 at a = 0 (the
+    form ``max(a, 0) + log1p(e^-|a|)`` would give 0 there: JAX differentiates
+    max and |a| one-sidedly at the kink).
+    """
+    pos = jnp.where(a > 0, a, 0.0)
+    neg = jnp.where(a > 0, 0.0, a)
+    return jnp.where(a > 0, pos + jnp.log1p(jnp.exp(-pos)), jnp.log1p(jnp.exp(neg)))
 
 
 def softplus_prime(a: Array) -> Array:

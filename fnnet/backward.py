@@ -108,4 +108,5 @@ def backward(
                 params[l]["W"], delta, a_list[l - 1], h_primes[l - 1], mask
             )
     dx = propagate(params[0]["W"], delta) if input_grad else None
-    return tuple(grads), dx
+    # Same containers as params (tuple or list of dicts), for custom_vjp and optax.
+    return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads)), dx

@@ -27,13 +27,15 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fnnet import checkpoint as ckpt
 from fnnet import losses
@@ -155,30 +157,30 @@ def init_state(
 # --------------------------------------------------------------------- a step
 
 
-def _decayed(name: str, config: TrainConfig) -> bool:
-    return name == "W" or config.decay_biases
+def _decayed(path, config: TrainConfig) -> bool:
+    """Whether the leaf at this key path is decayed: every W; b on request."""
+    return path[-1].key == "W" or config.decay_biases
+
+
+def _map_decayed(fn, tree, params: Params, config: TrainConfig):
+    """fn(t, theta) on the decayed leaves of ``tree``, the others unchanged."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, t, theta: fn(t, theta) if _decayed(path, config) else t,
+        tree,
+        params,
+    )
 
 
 def l2_penalty(params: Params, config: TrainConfig) -> Array:
     """(alpha/2) ||theta||^2 over the decayed leaves."""
-    total = sum(
-        jnp.sum(jnp.square(leaf))
-        for layer in params
-        for name, leaf in layer.items()
-        if _decayed(name, config)
-    )
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(jnp.sum(jnp.square(t)) for path, t in leaves if _decayed(path, config))
     return 0.5 * config.l2 * total
 
 
 def l2_grad(params: Params, grads: Grads, config: TrainConfig) -> Grads:
     """dJ~/dtheta = dJ/dtheta + alpha theta, on the decayed leaves."""
-    return tuple(
-        {
-            name: g + config.l2 * layer[name] if _decayed(name, config) else g
-            for name, g in glayer.items()
-        }
-        for layer, glayer in zip(params, grads, strict=True)
-    )
+    return _map_decayed(lambda g, theta: g + config.l2 * theta, grads, params, config)
 
 
 def loss_and_grads(net: MLP, config: TrainConfig, params, x, y, key):
@@ -228,13 +230,7 @@ def apply_update(
         new = optax.apply_updates(params, updates)
     if config.weight_decay > 0:  # decoupled: theta <- theta - beta theta + u
         beta = config.weight_decay
-        new = tuple(
-            {
-                name: t - beta * layer[name] if _decayed(name, config) else t
-                for name, t in new_layer.items()
-            }
-            for layer, new_layer in zip(params, new, strict=True)
-        )
+        new = _map_decayed(lambda t, theta: t - beta * theta, new, params, config)
     return TrainState(new, opt_state)
 
 
@@ -256,13 +252,18 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in leaves]))
 
 
-def run_epoch(net, config, optimizer, state: TrainState, X, Y, key):
+def run_epoch(net, config, optimizer, state: TrainState, X, Y, key, *, sharding=None):
     """Shuffle with ``key`` and take one step per full mini-batch, in one scan.
 
     The last ``N mod batch_size`` examples of each shuffle are left out of
     that epoch (a different few every epoch). If any step produced a
     non-finite loss or parameters, the state from before the epoch is
     returned with ``ok = False``.
+
+    Args:
+      sharding: optional :func:`batch_sharding`: every mini-batch is split
+        over its devices along the batch axis (data parallelism); parameters
+        stay replicated and XLA reduces the gradient sums across devices.
 
     Returns:
       ``(state, losses, ok)``: losses of shape (batches,).
@@ -274,6 +275,9 @@ def run_epoch(net, config, optimizer, state: TrainState, X, Y, key):
     perm = jax.random.permutation(k_perm, n)[: nb * B]
     Xb = X[perm].reshape(nb, B, *X.shape[1:])
     Yb = Y[perm].reshape(nb, B, *Y.shape[1:])
+    if sharding is not None:
+        Xb = jax.lax.with_sharding_constraint(Xb, sharding)
+        Yb = jax.lax.with_sharding_constraint(Yb, sharding)
     keys = jax.random.split(k_steps, nb) if _needs_key(net, config) else None
 
     def body(st, batch):
@@ -286,9 +290,32 @@ def run_epoch(net, config, optimizer, state: TrainState, X, Y, key):
     return kept, batch_losses, ok
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
-def _run_epoch_jit(net, config, optimizer, state, X, Y, key):
-    return run_epoch(net, config, optimizer, state, X, Y, key)
+@functools.partial(
+    jax.jit, static_argnums=(0, 1, 2), static_argnames="sharding", donate_argnums=3
+)
+def _run_epoch_jit(net, config, optimizer, state, X, Y, key, *, sharding=None):
+    return run_epoch(net, config, optimizer, state, X, Y, key, sharding=sharding)
+
+
+def batch_sharding(devices: int | Sequence[jax.Device]) -> NamedSharding:
+    """Data parallelism: split the batch axis of (batches, B, ...) over devices.
+
+    Args:
+      devices: how many of ``jax.devices()`` to use, or the devices themselves.
+
+    Returns:
+      A ``NamedSharding`` over a one-axis mesh named "batch", sharding axis 1.
+    """
+    if isinstance(devices, int):
+        available = jax.devices()
+        if isinstance(devices, bool) or not 1 <= devices <= len(available):
+            raise ValueError(
+                f"devices must be between 1 and {len(available)} (the devices JAX "
+                f"sees: {available[0].platform} x{len(available)}), got {devices}"
+            )
+        devices = available[:devices]
+    mesh = Mesh(np.array(devices), ("batch",))
+    return NamedSharding(mesh, PartitionSpec(None, "batch"))
 
 
 def epoch_key(base_key: Array, epoch: int) -> Array:
@@ -303,17 +330,21 @@ def epoch_key(base_key: Array, epoch: int) -> Array:
 def _evaluate(net: MLP, params, X, Y):
     """J and the metric on prepared arrays, in evaluation mode (no dropout)."""
     a_list, z_list = forward_cache(net, params, X)
-    a_L, yhat = a_list[-1], z_list[-1]
-    J = jnp.mean(losses.per_example_loss(net.loss, a_L, yhat, Y))
+    J = jnp.mean(losses.per_example_loss(net.loss, a_list[-1], z_list[-1], Y))
+    return J, _evaluate_output(net, z_list[-1], Y)
+
+
+def _evaluate_output(net: MLP, yhat: Array, Y: Array) -> Array:
+    """The metric of predictions yhat: accuracy, or R^2 averaged over targets."""
     if net.loss == "cross_entropy":
         labels = Y if jnp.issubdtype(Y.dtype, jnp.integer) else jnp.argmax(Y, -1)
-        predicted = jnp.argmax(a_L, axis=-1).astype(labels.dtype)
-        return J, jnp.mean(predicted == labels)
+        predicted = jnp.argmax(yhat, axis=-1).astype(labels.dtype)
+        return jnp.mean(predicted == labels)
     if net.loss == "bce":  # one or several independent binary labels
-        return J, jnp.mean((a_L > 0) == (Y > 0.5))
+        return jnp.mean((yhat > 0.5) == (Y > 0.5))
     ss_res = jnp.sum(jnp.square(Y - yhat), axis=0)
     ss_tot = jnp.sum(jnp.square(Y - jnp.mean(Y, axis=0, keepdims=True)), axis=0)
-    return J, jnp.mean(1.0 - ss_res / ss_tot)
+    return jnp.mean(1.0 - ss_res / ss_tot)
 
 
 def metric_name(net: MLP) -> str:
@@ -360,6 +391,7 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    devices: int | Sequence[jax.Device] | None = None,
 ) -> FitResult:
     """Train ``net`` from ``params`` on ``train``, watching ``val``.
 
@@ -377,6 +409,9 @@ def fit(
       resume: continue from ``checkpoint``; the final parameters are
         bit-identical to an uninterrupted run.
       on_epoch: called with each epoch's history record.
+      devices: data-parallel training over this many devices (or these
+        devices): each mini-batch is split along the batch axis, which must
+        divide evenly; parameters are replicated. None: one device.
 
     Returns:
       A :class:`FitResult`. A non-finite loss stops training (``stopped =
@@ -394,6 +429,17 @@ def fit(
         val = _prepare(net, params, x_va, net._check_y(val[1], x_va))
     if optimizer is None:
         optimizer = make_optimizer(config)
+    sharding = None
+    if devices is not None:
+        sharding = batch_sharding(devices)
+        n_dev, B = sharding.mesh.size, min(config.batch_size, X.shape[0])
+        if B % n_dev:
+            raise ValueError(
+                f"batch_size {B} does not split evenly over {n_dev} devices; "
+                f"choose a multiple of {n_dev}"
+            )
+        replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        X, Y = jax.device_put((X, Y), replicated)
     base_key = jax.random.key(config.seed)
     # The epoch donates its input state, so the run owns copies of its arrays.
     state = _copy(init_state(params, optimizer))
@@ -402,6 +448,8 @@ def fit(
         if checkpoint is None:
             raise ValueError("resume=True needs a checkpoint path")
         state, loop, base_key = _load(checkpoint, state, loop, base_key, config, net)
+    if sharding is not None:
+        state = jax.device_put(state, replicated)
 
     metric = metric_name(net)
     step_config = config.step_part()
@@ -409,8 +457,9 @@ def fit(
     start = time.perf_counter()
     while loop.epoch < config.epochs:
         epoch = loop.epoch + 1
+        key = epoch_key(base_key, epoch)
         state, batch_losses, ok = _run_epoch_jit(
-            net, step_config, optimizer, state, X, Y, epoch_key(base_key, epoch)
+            net, step_config, optimizer, state, X, Y, key, sharding=sharding
         )
         if not bool(ok):
             stopped = "non_finite"
