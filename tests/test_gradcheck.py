@@ -1,0 +1,218 @@
+"""Tests for fnnet.gradcheck, and property tests of the hand backward pass.
+
+Hypothesis draws networks (depth 1-6, widths 1-64, every activation, every
+output/loss pair, batch 1-32 or one example) and holds the hand gradient
+against jax.grad (float64 <= 1e-10, float32 <= 1e-4) and against central
+finite differences on small smooth networks (float64 <= 1e-6). The worst
+errors seen are printed at the end of the module (``pytest -s``).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fnnet
+from fnnet.activations import HIDDEN_ACTIVATIONS
+
+PAIRS = [
+    ("identity", "mse"),
+    ("sigmoid", "bce"),
+    ("softmax", "cross_entropy"),
+    ("sigmoid", "mse"),
+    ("softmax", "mse"),
+    ("tanh", "mse"),
+    ("relu", "mse"),
+    ("leaky_relu", "mse"),
+    ("softplus", "mse"),
+    ("elu", "mse"),
+    ("gelu", "mse"),
+]
+SMOOTH = ("identity", "sigmoid", "tanh", "softplus", "gelu")
+WIDTHS = (1, 2, 3, 5, 8, 13, 32, 64)
+BATCHES = (None, 1, 2, 7, 32)  # None: one example, x of shape (M0,)
+
+WORST = {"f64 hand-auto": 0.0, "f64 hand-fd": 0.0, "f32 hand-auto": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_worst():
+    yield
+    print("\nworst relative errors over the property tests:")
+    for name, value in WORST.items():
+        print(f"  {name}: {value:.3e}")
+
+
+def record(name, value):
+    assert math.isfinite(value), name
+    WORST[name] = max(WORST[name], value)
+
+
+def make_problem(sizes, activation, output, loss, batch, dtype, seed):
+    """A network and well-scaled (params, x, y) built with numpy."""
+    if loss == "cross_entropy" and sizes[-1] < 2:
+        sizes = (*sizes[:-1], 2)
+    net = fnnet.MLP(sizes, activation=activation, output=output, loss=loss)
+    rng = np.random.default_rng(seed)
+    params = tuple(
+        {
+            "W": jnp.asarray(rng.standard_normal((m, n)) / np.sqrt(n), dtype),
+            "b": jnp.asarray(0.1 * rng.standard_normal(m), dtype),
+        }
+        for n, m in zip(sizes[:-1], sizes[1:], strict=True)
+    )
+    lead = () if batch is None else (batch,)
+    K = sizes[-1]
+    x = jnp.asarray(rng.standard_normal((*lead, sizes[0])), dtype)
+    if loss == "cross_entropy":
+        if rng.random() < 0.5:
+            y = jnp.asarray(rng.integers(0, K, lead))
+        else:
+            p = rng.random((*lead, K)) + 0.05
+            y = jnp.asarray(p / p.sum(-1, keepdims=True), dtype)
+    elif loss == "bce":
+        y = jnp.asarray(rng.random((*lead, K)), dtype)
+    else:
+        y = jnp.asarray(rng.standard_normal((*lead, K)), dtype)
+    return net, params, x, y
+
+
+@st.composite
+def problems(draw, max_depth=6, widths=WIDTHS, batches=BATCHES, hidden=None):
+    depth = draw(st.integers(1, max_depth))
+    sizes = tuple(draw(st.sampled_from(widths)) for _ in range(depth + 1))
+    hidden = hidden or HIDDEN_ACTIVATIONS
+    if draw(st.booleans()):
+        activation = draw(st.sampled_from(hidden))
+    else:
+        activation = tuple(draw(st.sampled_from(hidden)) for _ in range(depth - 1))
+    output, loss = draw(st.sampled_from(PAIRS))
+    batch = draw(st.sampled_from(batches))
+    seed = draw(st.integers(0, 2**16))
+    return sizes, activation, output, loss, batch, seed
+
+
+@settings(max_examples=15)
+@given(problems())
+def test_hand_vs_jax_grad_float64(problem):
+    net, params, x, y = make_problem(*problem[:5], jnp.float64, problem[5])
+    report = fnnet.gradcheck(net, params, x, y, fd=False)
+    assert report.dtype == "float64"
+    assert len(report.rows) == 2 * net.num_layers
+    record("f64 hand-auto", report.worst())
+    assert report.worst() <= 1e-10, str(report)
+
+
+@settings(max_examples=12)
+@given(problems())
+def test_hand_vs_jax_grad_float32(problem):
+    net, params, x, y = make_problem(*problem[:5], jnp.float32, problem[5])
+    report = fnnet.gradcheck(net, params, x, y, fd=False)
+    assert report.dtype == "float32"
+    record("f32 hand-auto", report.worst())
+    assert report.worst() <= 1e-4, str(report)
+
+
+@settings(max_examples=8)
+@given(problems(max_depth=3, widths=(1, 2, 3, 4), batches=(None, 1, 3), hidden=SMOOTH))
+def test_hand_vs_finite_differences_float64(problem):
+    sizes, activation, output, loss, batch, seed = problem
+    if output not in SMOOTH + ("softmax",):
+        output, loss = "tanh", "mse"
+    net, params, x, y = make_problem(
+        sizes, activation, output, loss, batch, jnp.float64, seed
+    )
+    report = fnnet.gradcheck(net, params, x, y)
+    assert all(r.fd == "full" for r in report.rows)
+    record("f64 hand-auto", report.worst())
+    record("f64 hand-fd", report.worst("hand_vs_fd"))
+    assert report.worst() <= 1e-10, str(report)
+    assert report.worst("hand_vs_fd") <= 1e-6, str(report)
+    assert report.worst("auto_vs_fd") <= 1e-6, str(report)
+
+
+def test_gradcheck_random_directions_and_dropout():
+    """Leaves larger than max_fd_coords are checked along random directions."""
+    net = fnnet.MLP((6, 5, 3), "tanh", "softmax", "cross_entropy", keep_prob=0.7)
+    _, params, x, y = make_problem(
+        (6, 5, 3), "tanh", "softmax", "cross_entropy", 4, jnp.float64, 1
+    )
+    report = fnnet.gradcheck(
+        net, params, x, y, key=jax.random.key(0), max_fd_coords=10, directions=4
+    )
+    modes = {(r.layer, r.leaf): r.fd for r in report.rows}
+    assert modes == {
+        (1, "W"): "4 dirs",
+        (1, "b"): "full",
+        (2, "W"): "4 dirs",
+        (2, "b"): "full",
+    }
+    assert report.worst() <= 1e-10
+    assert report.worst("hand_vs_fd") <= 1e-6
+    record("f64 hand-fd", report.worst("hand_vs_fd"))
+
+
+def test_report_table():
+    net, params, x, y = make_problem(
+        (3, 2, 2), "gelu", "identity", "mse", 5, jnp.float64, 2
+    )
+    report = fnnet.gradcheck(net, params, x, y, fd=False)
+    assert [(r.layer, r.leaf, r.shape) for r in report.rows] == [
+        (1, "W", (2, 3)),
+        (1, "b", (2,)),
+        (2, "W", (2, 2)),
+        (2, "b", (2,)),
+    ]
+    for r in report.rows:
+        assert r.fd == "-" and math.isnan(r.hand_vs_fd) and math.isnan(r.auto_vs_fd)
+        assert r.norm > 0
+    text = str(report)
+    assert text.startswith("gradcheck (float64, fd eps=1e-05)")
+    assert "hand-auto" in text and "worst:" in text
+    assert len(text.splitlines()) == 3 + len(report.rows) + 1
+
+
+def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
+    """A broken hand backward (dW off by 1%) is caught by both references."""
+    from fnnet import backward as bw
+
+    real = bw.weight_grad
+    monkeypatch.setattr(bw, "weight_grad", lambda d, z: 1.01 * real(d, z))
+    net, params, x, y = make_problem(
+        (2, 3, 2), "sigmoid", "identity", "mse", 3, jnp.float64, 3
+    )
+    report = fnnet.gradcheck(net, params, x, y)
+    for r in report.rows:
+        if r.leaf == "W":
+            assert r.hand_vs_auto > 5e-3 and r.hand_vs_fd > 5e-3
+            assert r.auto_vs_fd < 1e-6
+        else:
+            assert r.hand_vs_auto < 1e-12
+
+
+def test_relative_error():
+    assert fnnet.relative_error(np.zeros(3), np.zeros(3)) == 0.0
+    assert fnnet.relative_error([3.0, 4.0], [0.0, 0.0]) == 1.0
+    assert fnnet.relative_error([1.0, 0.0], [-1.0, 0.0]) == 2.0
+    u, v = np.array([1.0, 2.0, 2.0]), np.array([1.0, 2.0, 2.3])
+    expected = 0.3 / np.linalg.norm(v)
+    assert math.isclose(fnnet.relative_error(u, v), expected, rel_tol=1e-14)
+    assert math.isclose(fnnet.relative_error(v, u), expected, rel_tol=1e-14)
+    assert math.isclose(
+        fnnet.relative_error(1e-30 * u, 1e-30 * v), expected, rel_tol=1e-12
+    )  # scale-free
+    assert fnnet.relative_error(np.ones((2, 2), np.float32), np.ones(4)) == 0.0
+
+
+def test_gradcheck_runs_input_checks():
+    net, params, x, y = make_problem(
+        (3, 2, 2), "tanh", "softmax", "cross_entropy", 4, jnp.float64, 4
+    )
+    with pytest.raises(ValueError, match=r"x must have shape \(3,\) or \(N, 3\)"):
+        fnnet.gradcheck(net, params, x[:, :2], y)
+    with pytest.raises(ValueError, match=r"key was given but keep_prob=1\.0"):
+        fnnet.gradcheck(net, params, x, y, key=jax.random.key(0))
