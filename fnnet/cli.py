@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32, help="mini-batch size")
     g.add_argument("--grad", choices=GRADS, default="hand", help="gradient source")
     g.add_argument("--seed", type=int, default=0, help="seed for init, split, shuffle")
+    g.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="data-parallel over this many devices (batch axis sharded; default: "
+        "one device)",
+    )
 
     g = p.add_argument_group("regularization")
     g.add_argument("--l2", type=float, default=0.0, help="L2 penalty alpha/2 ||W||^2")
@@ -248,6 +255,7 @@ def _train(args) -> int:
         checkpoint=out / CHECKPOINT_FILE,
         resume=args.resume is not None,
         on_epoch=on_epoch,
+        devices=s.get("devices"),
     )
     if bar is not None:
         bar.close()
@@ -260,7 +268,7 @@ def _train(args) -> int:
         "best_epoch": result.best_epoch,
         "stopped": result.stopped,
         "train_seconds": round(result.train_seconds, 4),
-        "device": str(jax.devices()[0]),
+        "device": f"{jax.devices()[0].platform} x{s.get('devices') or 1}",
         "config": s,
     }
     if result.history:
