@@ -219,3 +219,18 @@ def test_float64_runs(tmp_path):
     assert (
         json.loads((out / "metrics.json").read_text())["config"]["dtype"] == "float64"
     )
+
+
+def test_gradcheck_command_prints_a_table(capsys):
+    argv = ["gradcheck", "--sizes", "3,4,2", "--activation", "gelu", "--batch", "5"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "hand-auto" in text and text.count(" full") == 4
+    worst = text.strip().splitlines()[-1]
+    assert worst.startswith("worst: hand-auto")
+    assert float(worst.split()[2].rstrip(",")) < 1e-10
+
+
+def test_gradcheck_bad_sizes_exit_2(capsys):
+    assert main(["gradcheck", "--sizes", "3"]) == 2
+    assert "sizes must list at least" in capsys.readouterr().err
