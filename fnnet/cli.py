@@ -237,11 +237,13 @@ def _settings(args) -> dict:
 
 
 def _train(args) -> int:
-    if args.resume is not None:
+    resume = args.resume is not None
+    if resume:
         out = Path(args.resume)
-        for name in (CONFIG_FILE, CHECKPOINT_FILE):
-            if not (out / name).exists():
-                raise FileNotFoundError(f"--resume {out}: no {name} in that folder")
+        if not (out / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"--resume {out}: no {CONFIG_FILE} in that folder")
+        # Killed before its first checkpoint: the run starts over from its config.
+        resume = (out / CHECKPOINT_FILE).exists()
     s = _settings(args)
     if args.resume is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -287,7 +289,7 @@ def _train(args) -> int:
     if args.resume is None:
         _write_text(out / CONFIG_FILE, json.dumps(s, indent=2) + "\n")
     bar = _progress(config.epochs, quiet=s["quiet"])
-    if args.resume is not None and bar is not None:
+    if resume and bar is not None:
         bar.update(ckpt.load_meta(out / CHECKPOINT_FILE)["epoch"])
 
     def on_epoch(rec):
@@ -302,7 +304,7 @@ def _train(args) -> int:
         (ds.x_val, y_va) if has_val else None,
         config,
         checkpoint=out / CHECKPOINT_FILE,
-        resume=args.resume is not None,
+        resume=resume,
         on_epoch=on_epoch,
         devices=s.get("devices"),
     )

@@ -455,7 +455,11 @@ def fit(
     step_config = config.step_part()
     stopped, message = "completed", ""
     start = time.perf_counter()
+    patience = math.inf if config.patience is None else config.patience
     while loop.epoch < config.epochs:
+        if loop.bad_epochs >= patience:  # also when resuming a stopped run
+            stopped = "early_stopping"
+            break
         epoch = loop.epoch + 1
         key = epoch_key(base_key, epoch)
         state, batch_losses, ok = _run_epoch_jit(
@@ -489,9 +493,6 @@ def fit(
             on_epoch(record)
         if checkpoint is not None:
             _save(checkpoint, state, loop, base_key, config, net)
-        if config.patience is not None and loop.bad_epochs >= config.patience:
-            stopped = "early_stopping"
-            break
     seconds = time.perf_counter() - start
     return FitResult(
         params=loop.best_params if val is not None else state.params,

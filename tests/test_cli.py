@@ -234,3 +234,15 @@ def test_gradcheck_command_prints_a_table(capsys):
 def test_gradcheck_bad_sizes_exit_2(capsys):
     assert main(["gradcheck", "--sizes", "3"]) == 2
     assert "sizes must list at least" in capsys.readouterr().err
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
+    code, out = _run(tmp_path, *FAST)
+    assert code == 0
+    reference = _ckpt_leaves(out / "checkpoint.npz")
+    (out / "checkpoint.npz").unlink()  # as if killed during epoch 1
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    again = _ckpt_leaves(out / "checkpoint.npz")
+    for name, value in reference.items():
+        if "state" in name:
+            np.testing.assert_array_equal(value, again[name])

@@ -354,3 +354,16 @@ def test_bad_training_data_is_rejected():
         fit(NET, _params(), (X_TR[:, :3], Y_TR))
     with pytest.raises(ValueError, match=r"labels outside \[0, 3\)"):
         fit(NET, _params(), (X_TR, Y_TR + 1))
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):
+    path = tmp_path / "run.npz"
+    y_bad = (Y_VA + 1) % 3
+    cfg = TrainConfig(epochs=100, batch_size=16, learning_rate=0.1, patience=3)
+    done = fit(NET, _params(), (X_TR, Y_TR), (X_VA, y_bad), cfg, checkpoint=path)
+    again = fit(
+        NET, _params(), (X_TR, Y_TR), (X_VA, y_bad), cfg, checkpoint=path, resume=True
+    )
+    assert again.stopped == "early_stopping"
+    assert again.epochs_run == done.epochs_run
+    _assert_trees_equal(again.params, done.params)
