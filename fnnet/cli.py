@@ -9,6 +9,7 @@ gradient errors per layer. ``--help`` documents every flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -189,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gradcheck(args) -> int:
+    with _precision(args.dtype):
+        return _run_gradcheck(args)
+
+
+def _run_gradcheck(args) -> int:
     from fnnet.gradcheck import gradcheck
 
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
     sizes = tuple(int(m) for m in args.sizes.split(","))
     act = args.activation
     net = MLP(
@@ -253,9 +257,16 @@ def _train(args) -> int:
                 f"--out {out} already holds a run; use --resume {out} to continue it "
                 "or choose another folder"
             )
-    if s["dtype"] == "float64":
-        jax.config.update("jax_enable_x64", True)
+    with _precision(s["dtype"]):
+        return _run_training(s, out, resume)
 
+
+def _precision(dtype: str):
+    """64-bit mode for a float64 run, for the duration of the run only."""
+    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+
+
+def _run_training(s: dict, out: Path, resume: bool) -> int:
     task = None if s["task"] == "auto" else s["task"]
     ds = fdata.load_dataset(
         s["data"],
@@ -286,7 +297,7 @@ def _train(args) -> int:
     params = net.init(jax.random.key(s["seed"]), dtype=jnp.dtype(s["dtype"]))
 
     out.mkdir(parents=True, exist_ok=True)
-    if args.resume is None:
+    if not (out / CONFIG_FILE).exists():
         _write_text(out / CONFIG_FILE, json.dumps(s, indent=2) + "\n")
     bar = _progress(config.epochs, quiet=s["quiet"])
     if resume and bar is not None:

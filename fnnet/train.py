@@ -370,7 +370,7 @@ def _evaluation_record(net, params, X, Y) -> dict[str, float]:
 
 @dataclasses.dataclass
 class FitResult:
-    params: Params  # the best parameters (by validation loss) or the last ones
+    params: Params  # with early stopping the best (by validation loss), else the last
     state: TrainState  # the state at the end of the last epoch run
     history: list[dict[str, float]]
     best_epoch: int
@@ -414,7 +414,9 @@ def fit(
         divide evenly; parameters are replicated. None: one device.
 
     Returns:
-      A :class:`FitResult`. A non-finite loss stops training (``stopped =
+      A :class:`FitResult`: with early stopping (``config.patience``) its
+      ``params`` are those of the best validation epoch, otherwise those of
+      the last epoch. A non-finite loss stops training (``stopped =
       "non_finite"``) with the parameters of the last good epoch.
     """
     if config.patience is not None and val is None:
@@ -495,7 +497,7 @@ def fit(
             _save(checkpoint, state, loop, base_key, config, net)
     seconds = time.perf_counter() - start
     return FitResult(
-        params=loop.best_params if val is not None else state.params,
+        params=loop.best_params if config.patience is not None else state.params,
         state=state,
         history=loop.history,
         best_epoch=loop.best_epoch,
