@@ -1,0 +1,1162 @@
+"""Benchmark: fnnet's hand-written gradients against jax.grad, peers and the roofline.
+
+Times the same training workload (relu hidden layers, softmax + cross-entropy,
+int32 labels, plain SGD with learning rate 0.01, float32, synthetic data from a
+fixed seed) side by side in one process:
+
+* fnnet ``grad="hand"`` and ``grad="auto"`` (``jax.grad`` of the same cost),
+  one jitted ``train_step`` per mini-batch and a whole epoch in one compiled
+  call (``fnnet.train._run_epoch_jit``, ``lax.scan`` over the batches);
+* per-example gradients: ``vmap`` of the single-example hand backward pass
+  against ``vmap(jax.grad)``;
+* K models in one call (``vmap`` of the epoch over parameter sets) against K
+  sequential runs;
+* peers, each skipped with a message when not importable: PyTorch eager (same
+  thread count), scikit-learn's ``MLPClassifier.partial_fit`` and a NumPy
+  hand-written backprop;
+* the roofline: every matrix product of one step timed alone at the best
+  speed measured for its shape (XLA or NumPy, best of several), summed;
+* compile time of a 4-layer training step, and memory over 50 epochs.
+
+Timings are medians over interleaved rounds (every implementation once per
+round, in rotating order) after a warm-up, because shared machines are noisy;
+ratios between two fnnet variants are medians of per-round ratios.
+
+Run from the repository root:
+
+    python experiments/benchmark.py                 # full run, several minutes
+    python experiments/benchmark.py --quick         # smoke run, under a minute
+    python experiments/benchmark.py --workloads small,medium --no-peers
+    python experiments/benchmark.py --memory        # the memory section only
+
+Writes ``benchmark_<platform>.csv`` and ``.md`` to ``experiments/results/``
+(or ``--out DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import importlib
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnnet import train
+from fnnet.network import MLP, _cost_impl, backprop_impl
+
+OUT_DIR = Path(__file__).resolve().parent / "results"
+SEED = 0
+LEARNING_RATE = 0.01
+
+
+class Workload(NamedTuple):
+    sizes: tuple[int, ...]
+    batch: int
+    batches: int  # mini-batches per epoch (the training set is batch * batches)
+    repeats: int  # interleaved timing rounds
+
+
+WORKLOADS = {
+    "small": Workload((64, 64, 10), 32, 256, 31),  # digits-sized
+    "medium": Workload((784, 512, 512, 10), 256, 16, 15),
+    "large": Workload((784, 2048, 2048, 10), 512, 4, 7),
+}
+QUICK_WORKLOADS = {
+    "small": Workload((64, 64, 10), 32, 64, 5),
+    "medium": Workload((784, 128, 128, 10), 64, 4, 3),  # a reduced medium
+}
+WARMUP = 2  # untimed rounds before the timed ones
+# Pause before each timed call, so that the spinning worker threads of the
+# previous implementation (OpenMP in PyTorch, OpenBLAS in NumPy) go to sleep.
+SETTLE_S = 0.02
+
+ENSEMBLE_K = 8
+ENSEMBLE_API = "fnnet.ensemble.run_epoch_many"  # or the fallback, when it is missing
+ENSEMBLE_WORKLOADS = ("small", "medium")
+# vmap of the single-example backward materialises (N, M_l, M_{l-1}) per layer.
+PER_EXAMPLE_MAX_BYTES = 2 * 2**30
+
+COMPILE_SIZES = (64, 128, 128, 128, 10)  # a 4-layer network
+COMPILE_BATCH = 32
+COMPILE_REPEATS, QUICK_COMPILE_REPEATS = 7, 1
+
+MEMORY_EPOCHS, QUICK_MEMORY_EPOCHS = 50, 6
+MEMORY_WORKLOADS = ("small", "medium")
+MEMORY_MID = 25  # RSS must not grow from here to the last epoch (allocator warm-up)
+MEMORY_RSS_SLACK_MB = 4
+
+ROOFLINE_ROUNDS = 7  # best of this many, per product and engine
+ROOFLINE_CHUNK_FLOPS = 2e8  # tiny products are repeated inside one call
+PEAK_SIZE, QUICK_PEAK_SIZE = 2048, 512
+
+# Targets of the issue: (workload, ratio) -> bound.
+HAND_VS_AUTO_MAX = {"small": 1.05, "medium": 1.00, "large": 1.00}
+VS_TORCH_MIN = {"small": 15.0, "medium": 1.15, "large": 1.10}
+VS_SKLEARN_MIN = {"small": 8.0}
+ROOFLINE_MIN = {"small": 0.85, "medium": 0.85, "large": 0.90}
+COMPILE_MAX_S = 0.5
+
+HAND, AUTO = "fnnet hand", "fnnet jax.grad"
+PROTOTYPE = "prototype: bare hand step in scan (no library)"
+
+
+def torch_name(n_threads: int) -> str:
+    return f"PyTorch eager ({n_threads} thread{'s' if n_threads > 1 else ''})"
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+def machine_line() -> str:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    kind = getattr(dev, "device_kind", "?")
+    return (
+        f"jax {jax.__version__} on {dev.platform} ({kind}); CPU {cpu}, "
+        f"{threads()} threads; Python {platform.python_version()}"
+    )
+
+
+def load_line(start) -> str:
+    """The 1-minute load average at the start and now (others share the machine)."""
+    if start is None:
+        return "load average: not available"
+    return (
+        f"1-min load average {start[0]:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end, on {os.cpu_count()} CPUs"
+    )
+
+
+def optional(name: str):
+    """The module, or None with a message when it cannot be imported."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        print(f"[skip] {name} is not installed ({e}); its rows are left out")
+        return None
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def interleaved(runners: dict[str, Callable[[], None]], repeats: int):
+    """Seconds per call of each runner: warm-up, then rounds in rotating order."""
+    names = list(runners)
+    for _ in range(WARMUP):
+        for name in names:
+            runners[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def synthetic(wl: Workload, seed: int = SEED):
+    """Float32 inputs and int32 labels of a random teacher network (learnable)."""
+    rng = np.random.default_rng(seed)
+    n = wl.batch * wl.batches
+    X = rng.standard_normal((n, wl.sizes[0]), dtype=np.float32)
+    teacher = rng.standard_normal((wl.sizes[0], wl.sizes[-1]), dtype=np.float32)
+    Y = np.argmax(X @ teacher, axis=1).astype(np.int32)
+    return X, Y
+
+
+def network(sizes) -> MLP:
+    return MLP(sizes, activation="relu", output="softmax", loss="cross_entropy")
+
+
+def config(batch: int, grad: str) -> train.TrainConfig:
+    return train.TrainConfig(learning_rate=LEARNING_RATE, batch_size=batch, grad=grad)
+
+
+def fresh_state(params) -> train.TrainState:
+    """A state that owns its arrays (the step and the epoch donate theirs)."""
+    return train.TrainState(jax.tree.map(lambda t: jnp.array(t, copy=True), params), ())
+
+
+# ------------------------------------------------------------- fnnet runners
+
+
+def step_runner(net, cfg, params, xs, ys):
+    """One jitted train_step per mini-batch, dispatched from Python."""
+    step = jax.jit(
+        functools.partial(train.train_step, net, cfg, None), donate_argnums=0
+    )
+    state = fresh_state(params)
+
+    def run():
+        nonlocal state
+        for x, y in zip(xs, ys, strict=True):
+            state, J = step(state, x, y)
+        block(state)
+
+    return run
+
+
+def epoch_runner(net, cfg, params, X, Y):
+    """One compiled call per epoch (fnnet.train._run_epoch_jit)."""
+    state, base, epoch = fresh_state(params), jax.random.key(SEED), 0
+    cfg = cfg.step_part()
+
+    def run():
+        nonlocal state, epoch
+        epoch += 1
+        key = train.epoch_key(base, epoch)
+        state, _, _ = train._run_epoch_jit(net, cfg, None, state, X, Y, key)
+        block(state)
+
+    return run
+
+
+def per_example_fns(net):
+    """(hand, auto): per-example gradients, each jitted on (params, x, y)."""
+
+    def hand(p, x, y):
+        return backprop_impl(net, p, x, y).grads
+
+    def auto(p, x, y):
+        return jax.grad(lambda q: _cost_impl(net, q, x, y, None))(p)
+
+    vm = functools.partial(jax.vmap, in_axes=(None, 0, 0))
+    return jax.jit(vm(hand)), jax.jit(vm(auto))
+
+
+def call_runner(fn, *args, calls: int = 1):
+    def run():
+        for _ in range(calls):
+            out = fn(*args)
+        block(out)
+
+    return run
+
+
+def ensemble_runners(net, cfg, params_k, X, Y, k: int):
+    """(K models in one call, K sequential epoch calls), on the same data.
+
+    Uses ``fnnet.ensemble.run_epoch_many`` when the library has it, else
+    ``jax.vmap`` of ``fnnet.train.run_epoch`` over the states and keys.
+    """
+    cfg = cfg.step_part()
+    global ENSEMBLE_API
+    try:
+        from fnnet.ensemble import run_epoch_many
+    except ImportError:
+        ENSEMBLE_API = "jax.vmap of fnnet.train.run_epoch"
+        print("[note] fnnet.ensemble.run_epoch_many not found: vmap of run_epoch")
+
+        @functools.partial(jax.jit, donate_argnums=0)
+        def epoch_k(states, X, Y, member_keys, epoch):
+            def one(state, key):
+                key = train.epoch_key(key, epoch)
+                return train.run_epoch(net, cfg, None, state, X, Y, key)
+
+            return jax.vmap(one)(states, member_keys)
+    else:
+
+        def epoch_k(states, X, Y, member_keys, epoch):
+            return run_epoch_many(
+                net, cfg, None, True, states, X, Y, member_keys, epoch
+            )
+
+    stacked = fresh_state(jax.tree.map(lambda *t: jnp.stack(t), *params_k))
+    singles = [fresh_state(p) for p in params_k]
+    member_keys = jax.random.split(jax.random.key(SEED), k)
+    epoch = [0, 0]
+
+    def one_call():
+        nonlocal stacked
+        epoch[0] += 1
+        stacked, _, _ = epoch_k(stacked, X, Y, member_keys, epoch[0])
+        block(stacked)
+
+    def sequential():
+        epoch[1] += 1
+        for i in range(k):
+            key = train.epoch_key(member_keys[i], epoch[1])
+            singles[i], _, _ = train._run_epoch_jit(
+                net, cfg, None, singles[i], X, Y, key
+            )
+        block(singles)
+
+    return one_call, sequential
+
+
+def prototype_runner(wl: Workload, params, X, Y):
+    """The bare hand-written step, jitted with the epoch under lax.scan.
+
+    Not library code: the same math (relu, softmax + cross-entropy, SGD, the
+    loss of every step) with no validation, config or pytree plumbing, to show
+    what the library's abstractions cost on top of it.
+    """
+    L, B, lr = len(params), wl.batch, LEARNING_RATE
+    contract = {"ZWt": (((1,), (1,)), ((), ())), "DtZ": (((0,), (0,)), ((), ()))}
+
+    def step(params, batch):
+        x, y = batch
+        z_list = [x]
+        for l, p in enumerate(params):
+            a = jax.lax.dot_general(z_list[-1], p["W"], contract["ZWt"]) + p["b"]
+            z_list.append(jnp.maximum(a, 0.0) if l < L - 1 else a)
+        a = z_list[-1]
+        m = jnp.max(a, axis=1, keepdims=True)
+        e = jnp.exp(a - m)
+        s = jnp.sum(e, axis=1, keepdims=True)
+        onehot = (y[:, None] == jnp.arange(a.shape[1], dtype=y.dtype)).astype(a.dtype)
+        J = jnp.mean(jnp.log(s[:, 0]) + m[:, 0] - jnp.sum(onehot * a, axis=1))
+        delta = (e / s - onehot) * (1.0 / B)
+        new = [None] * L
+        for l in reversed(range(L)):
+            W = params[l]["W"]
+            dW = jax.lax.dot_general(delta, z_list[l], contract["DtZ"])
+            db = jnp.sum(delta, axis=0)
+            if l > 0:
+                delta = jnp.where(z_list[l] > 0, delta @ W, 0.0)
+            new[l] = {"W": W - lr * dW, "b": params[l]["b"] - lr * db}
+        return tuple(new), J
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def epoch(params, X, Y, key):
+        nb = X.shape[0] // B
+        perm = jax.random.permutation(key, X.shape[0])[: nb * B]
+        Xb, Yb = X[perm].reshape(nb, B, -1), Y[perm].reshape(nb, B)
+        return jax.lax.scan(step, params, (Xb, Yb))
+
+    state, base, count = fresh_state(params).params, jax.random.key(SEED), 0
+
+    def run():
+        nonlocal state, count
+        count += 1
+        state, _ = epoch(state, X, Y, train.epoch_key(base, count))
+        block(state)
+
+    return run
+
+
+# -------------------------------------------------------------------- peers
+
+
+def torch_runner(torch, wl: Workload, params, X, Y, n_threads: int):
+    """PyTorch eager: nn.Sequential + CrossEntropyLoss + SGD over the same batches."""
+    dev = (
+        "cuda"
+        if jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+        else "cpu"
+    )
+    layers = []
+    for l, p in enumerate(params):
+        lin = torch.nn.Linear(*np.asarray(p["W"]).shape[::-1])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.array(p["W"])))
+            lin.bias.copy_(torch.from_numpy(np.array(p["b"])))
+        layers += [lin, torch.nn.ReLU()] if l < len(params) - 1 else [lin]
+    model = torch.nn.Sequential(*layers).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    Xt = torch.from_numpy(X).to(dev)
+    Yt = torch.from_numpy(Y.astype(np.int64)).to(dev)
+    gen = torch.Generator(device="cpu").manual_seed(SEED)
+    B, n = wl.batch, wl.batch * wl.batches
+
+    def run():
+        torch.set_num_threads(n_threads)  # process-wide: set before every epoch
+        perm = torch.randperm(n, generator=gen).to(dev)
+        for i in range(wl.batches):
+            idx = perm[i * B : (i + 1) * B]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(Xt[idx]), Yt[idx]).backward()
+            opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def sklearn_runner(neural_network, wl: Workload, X, Y):
+    """scikit-learn MLPClassifier, one partial_fit (= one epoch) per call."""
+    clf = neural_network.MLPClassifier(
+        hidden_layer_sizes=wl.sizes[1:-1],
+        activation="relu",
+        solver="sgd",
+        alpha=0.0,
+        batch_size=wl.batch,
+        learning_rate_init=LEARNING_RATE,
+        momentum=0.0,
+        random_state=SEED,
+    )
+    classes = np.arange(wl.sizes[-1])
+    return lambda: clf.partial_fit(X, Y, classes=classes)
+
+
+def numpy_runner(wl: Workload, params, X, Y):
+    """Hand-written float32 backprop in NumPy, one Python loop over the batches."""
+    Ws = [np.array(p["W"]) for p in params]
+    bs = [np.array(p["b"]) for p in params]
+    rng = np.random.default_rng(SEED)
+    B, L, lr = wl.batch, len(Ws), np.float32(LEARNING_RATE)
+    rows = np.arange(B)
+
+    def run():
+        perm = rng.permutation(len(X))
+        for i in range(wl.batches):
+            idx = perm[i * B : (i + 1) * B]
+            z_list = [X[idx]]
+            for l in range(L):
+                a = z_list[-1] @ Ws[l].T + bs[l]
+                z_list.append(np.maximum(a, 0) if l < L - 1 else a)
+            e = np.exp(z_list[-1] - z_list[-1].max(axis=1, keepdims=True))
+            delta = e / e.sum(axis=1, keepdims=True)
+            delta[rows, Y[idx]] -= 1
+            delta /= B
+            for l in reversed(range(L)):
+                dW, db = delta.T @ z_list[l], delta.sum(axis=0)
+                if l > 0:
+                    delta = (delta @ Ws[l]) * (z_list[l] > 0)
+                Ws[l] -= lr * dW
+                bs[l] -= lr * db
+
+    return run
+
+
+# ----------------------------------------------------------------- roofline
+
+
+def step_products(sizes, B):
+    """The matrix products of one training step: (name, lhs, rhs, contracting).
+
+    Forward A = Z W^T per layer, backward dW = Delta^T Z per layer and the
+    propagation Delta W for layers 2..L, each 2 m n k FLOPs.
+    """
+    out = []
+    for l, (m_in, m_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), 1):
+        out.append((f"A{l} = Z{l - 1} W{l}^T", (B, m_in), (m_out, m_in), ((1,), (1,))))
+        out.append((f"dW{l} = D{l}^T Z{l - 1}", (B, m_out), (B, m_in), ((0,), (0,))))
+        if l > 1:
+            out.append((f"D{l} W{l}", (B, m_out), (m_out, m_in), ((1,), (0,))))
+    return out
+
+
+def product_flops(lhs, rhs, contracting) -> int:
+    k = lhs[contracting[0][0]]
+    return 2 * (lhs[0] * lhs[1] // k) * (rhs[0] * rhs[1] // k) * k
+
+
+def step_flops(sizes, B) -> int:
+    return sum(product_flops(*p[1:]) for p in step_products(sizes, B))
+
+
+def _xla_product_seconds(lhs, rhs, contracting, rounds: int) -> float:
+    """Best seconds per product with XLA; tiny ones repeated inside one call."""
+    reps = int(
+        max(1, min(256, ROOFLINE_CHUNK_FLOPS // product_flops(lhs, rhs, contracting)))
+    )
+    dims = (contracting, ((), ()))
+    rng = np.random.default_rng(1)
+    A = jnp.asarray(rng.standard_normal((reps, *lhs), dtype=np.float32))
+    R = jnp.asarray(rng.standard_normal(rhs, dtype=np.float32))
+
+    @jax.jit
+    def f(A, R):
+        # a scan over `reps` distinct left operands: nothing to hoist or fuse
+        def body(c, a):
+            return c, jax.lax.dot_general(a, R, dims)
+
+        return jax.lax.scan(body, 0, A)[1]
+
+    block(f(A, R))
+    best = np.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        block(f(A, R))
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def _numpy_product_seconds(lhs, rhs, contracting, rounds: int) -> float:
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(lhs, dtype=np.float32)
+    b = rng.standard_normal(rhs, dtype=np.float32)
+    ca, cb = contracting[0][0], contracting[1][0]
+    a = a.T if ca == 0 else a
+    b = b.T if cb == 1 else b
+    reps = int(
+        max(1, min(256, ROOFLINE_CHUNK_FLOPS // product_flops(lhs, rhs, contracting)))
+    )
+    np.dot(a, b)
+    best = np.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            np.dot(a, b)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def roofline(sizes, B, rounds: int):
+    """(seconds of the step's products, each alone at its best, list of details)."""
+    use_numpy = jax.devices()[0].platform == "cpu"
+    rows, total = [], 0.0
+    for name, lhs, rhs, contracting in step_products(sizes, B):
+        t_xla = _xla_product_seconds(lhs, rhs, contracting, rounds)
+        t_np = (
+            _numpy_product_seconds(lhs, rhs, contracting, rounds)
+            if use_numpy
+            else np.inf
+        )
+        best = min(t_xla, t_np)
+        total += best
+        rows.append((name, product_flops(lhs, rhs, contracting), t_xla, t_np, best))
+    return total, rows
+
+
+def peak_gflops(n: int, rounds: int) -> tuple[float, float]:
+    """Best GFLOP/s of an n x n x n float32 product: (XLA, NumPy)."""
+    contracting = ((1,), (0,))
+    t_xla = _xla_product_seconds((n, n), (n, n), contracting, rounds)
+    t_np = np.inf
+    if jax.devices()[0].platform == "cpu":
+        t_np = _numpy_product_seconds((n, n), (n, n), contracting, rounds)
+    return 2 * n**3 / t_xla / 1e9, 2 * n**3 / t_np / 1e9
+
+
+# ------------------------------------------------------------------- the API
+
+
+def step_times(
+    sizes: tuple[int, ...], batch: int, *, repeats: int = 20
+) -> dict[str, float]:
+    """Median seconds per training step for keys "hand", "auto", "per_example_hand", "per_example_auto".
+
+    "hand"/"auto": one jitted ``train_step`` per mini-batch (plain SGD,
+    float32, relu, softmax + cross-entropy); "per_example_*": one call of
+    ``vmap`` of the single-example gradient over a batch. Interleaved rounds.
+    """  # noqa: E501
+    wl = Workload(tuple(sizes), batch, max(1, 4096 // (batch * sum(sizes))), repeats)
+    net = network(wl.sizes)
+    params = net.init(jax.random.key(SEED), jnp.float32)
+    X, Y = synthetic(wl)
+    xs = [jnp.asarray(X[i * batch : (i + 1) * batch]) for i in range(wl.batches)]
+    ys = [jnp.asarray(Y[i * batch : (i + 1) * batch]) for i in range(wl.batches)]
+    pe_hand, pe_auto = per_example_fns(net)
+    runners = {
+        "hand": step_runner(net, config(batch, "hand"), params, xs, ys),
+        "auto": step_runner(net, config(batch, "auto"), params, xs, ys),
+        "per_example_hand": call_runner(
+            pe_hand, params, xs[0], ys[0], calls=wl.batches
+        ),
+        "per_example_auto": call_runner(
+            pe_auto, params, xs[0], ys[0], calls=wl.batches
+        ),
+    }
+    times = interleaved(runners, repeats)
+    return {name: statistics.median(t) / wl.batches for name, t in times.items()}
+
+
+# --------------------------------------------------------------- the sections
+
+
+class Row(NamedTuple):
+    workload: str
+    sizes: str
+    batch: int
+    kind: str  # step | epoch | per_example | ensemble | peer | roofline | compile
+    implementation: str
+    step_ms: float  # median milliseconds per training step (per model step)
+    samples_per_s: float
+    vs_hand_epoch: float  # step time / fnnet hand epoch-in-one-call step time
+    roofline_fraction: float  # roofline time / step time
+    gflops: float  # FLOPs per step / step time
+
+
+def run_workload(name: str, wl: Workload, peers: dict, results: dict) -> list[Row]:
+    """Times every implementation on one workload; returns the table rows."""
+    print(
+        f"\n== {name}: sizes {wl.sizes}, batch {wl.batch}, {wl.batches} batches/epoch"
+    )
+    net = network(wl.sizes)
+    params = net.init(jax.random.key(SEED), jnp.float32)
+    X_np, Y_np = synthetic(wl)
+    X, Y = jnp.asarray(X_np), jnp.asarray(Y_np)
+    B, nb = wl.batch, wl.batches
+    xs = [X[i * B : (i + 1) * B] for i in range(nb)]
+    ys = [Y[i * B : (i + 1) * B] for i in range(nb)]
+    flops = step_flops(wl.sizes, B)
+
+    # Per step: units of one epoch's worth of batches.
+    units: dict[str, tuple[Callable[[], None], int, str]] = {
+        f"{HAND} epoch": (
+            epoch_runner(net, config(B, "hand"), params, X, Y),
+            nb,
+            "epoch",
+        ),
+        f"{AUTO} epoch": (
+            epoch_runner(net, config(B, "auto"), params, X, Y),
+            nb,
+            "epoch",
+        ),
+        f"{HAND} step": (
+            step_runner(net, config(B, "hand"), params, xs, ys),
+            nb,
+            "step",
+        ),
+        f"{AUTO} step": (
+            step_runner(net, config(B, "auto"), params, xs, ys),
+            nb,
+            "step",
+        ),
+    }
+    units[PROTOTYPE] = (prototype_runner(wl, params, X, Y), nb, "prototype")
+    pe_bytes = (
+        4 * B * sum(a * b for a, b in zip(wl.sizes[:-1], wl.sizes[1:], strict=True))
+    )
+    if pe_bytes <= PER_EXAMPLE_MAX_BYTES:
+        pe_hand, pe_auto = per_example_fns(net)
+        calls = max(1, nb // 4)
+        units["per-example hand (vmap)"] = (
+            call_runner(pe_hand, params, xs[0], ys[0], calls=calls),
+            calls,
+            "per_example",
+        )
+        units["per-example jax.grad (vmap)"] = (
+            call_runner(pe_auto, params, xs[0], ys[0], calls=calls),
+            calls,
+            "per_example",
+        )
+    else:
+        print(f"[skip] per-example gradients: {pe_bytes / 2**30:.1f} GiB of them")
+    if peers.get("torch") is not None:
+        for n_threads in sorted({threads(), 1}, reverse=True):
+            units[torch_name(n_threads)] = (
+                torch_runner(peers["torch"], wl, params, X_np, Y_np, n_threads),
+                nb,
+                "peer",
+            )
+    if peers.get("sklearn") is not None:
+        units["scikit-learn MLPClassifier"] = (
+            sklearn_runner(peers["sklearn"], wl, X_np, Y_np),
+            nb,
+            "peer",
+        )
+    if peers.get("numpy") is not None:
+        units["NumPy hand backprop"] = (
+            numpy_runner(wl, params, X_np, Y_np),
+            nb,
+            "peer",
+        )
+    if name in ENSEMBLE_WORKLOADS and peers.get("ensemble", True):
+        params_k = [
+            net.init(jax.random.key(SEED + i), jnp.float32) for i in range(ENSEMBLE_K)
+        ]
+        one, seq = ensemble_runners(net, config(B, "hand"), params_k, X, Y, ENSEMBLE_K)
+        units[f"ensemble K={ENSEMBLE_K}, one call (vmap)"] = (
+            one,
+            nb * ENSEMBLE_K,
+            "ensemble",
+        )
+        units[f"ensemble K={ENSEMBLE_K}, sequential"] = (
+            seq,
+            nb * ENSEMBLE_K,
+            "ensemble",
+        )
+
+    t_start = time.perf_counter()
+    times = interleaved({k: v[0] for k, v in units.items()}, wl.repeats)
+    print(
+        f"   timed {len(units)} implementations x {wl.repeats} rounds "
+        f"in {time.perf_counter() - t_start:.1f} s"
+    )
+    per_step = {k: [t / units[k][1] for t in ts] for k, ts in times.items()}
+    med = {k: statistics.median(ts) for k, ts in per_step.items()}
+
+    roof_s, roof_rows = roofline(wl.sizes, B, ROOFLINE_ROUNDS if wl.repeats > 5 else 3)
+    ref = med[f"{HAND} epoch"]
+    rows = []
+    sizes = "-".join(map(str, wl.sizes))
+    for impl, t in med.items():
+        kind = units[impl][2]
+        has_roof = kind != "per_example"
+        rows.append(
+            Row(
+                name,
+                sizes,
+                B,
+                kind,
+                impl,
+                1e3 * t,
+                B / t,
+                t / ref,
+                roof_s / t if has_roof else float("nan"),
+                flops / t / 1e9 if has_roof else float("nan"),
+            )
+        )
+    rows.append(
+        Row(
+            name,
+            sizes,
+            B,
+            "roofline",
+            "roofline: products alone",
+            1e3 * roof_s,
+            B / roof_s,
+            roof_s / ref,
+            1.0,
+            flops / roof_s / 1e9,
+        )
+    )
+    results[name] = {
+        "median": med,
+        "per_step": per_step,
+        "flops": flops,
+        "roofline_s": roof_s,
+        "roofline_rows": roof_rows,
+        "hand_auto_step": paired_ratio(
+            per_step[f"{HAND} step"], per_step[f"{AUTO} step"]
+        ),
+        "hand_auto_epoch": paired_ratio(
+            per_step[f"{HAND} epoch"], per_step[f"{AUTO} epoch"]
+        ),
+    }
+    if "per-example hand (vmap)" in per_step:
+        results[name]["per_example"] = paired_ratio(
+            per_step["per-example hand (vmap)"], per_step["per-example jax.grad (vmap)"]
+        )
+    print(f"   FLOPs per step {flops:.4g}; roofline {1e3 * roof_s:.4f} ms:")
+    for pname, pflops, t_xla, t_np, best in roof_rows:
+        print(
+            f"     {pname:<16} {pflops:>12.4g} FLOP  XLA {1e6 * t_xla:9.2f} us"
+            f"  NumPy {1e6 * t_np:9.2f} us  best {pflops / best / 1e9:6.1f} GFLOP/s"
+        )
+    return rows
+
+
+def compile_section(
+    repeats: int, epoch: bool = True
+) -> tuple[list[Row], dict[str, float]]:
+    """Median seconds to trace, lower and compile a 4-layer step (and epoch).
+
+    Caches are cleared before each, so every compilation starts from nothing.
+    """
+    net = network(COMPILE_SIZES)
+    params = net.init(jax.random.key(SEED), jnp.float32)
+    X_np, Y_np = synthetic(Workload(COMPILE_SIZES, COMPILE_BATCH, 8, 1))
+    X, Y = jnp.asarray(X_np), jnp.asarray(Y_np)
+    x, y = X[:COMPILE_BATCH], Y[:COMPILE_BATCH]
+    state = fresh_state(params)
+    key = jax.random.key(SEED)
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for grad in ("hand", "auto"):
+            cfg = config(COMPILE_BATCH, grad)
+            jobs = {
+                f"{grad} step": lambda cfg=cfg: jax.jit(
+                    functools.partial(train.train_step, net, cfg, None),
+                    donate_argnums=0,
+                ).lower(state, x, y),
+                f"{grad} epoch": lambda cfg=cfg: jax.jit(
+                    functools.partial(train.run_epoch, net, cfg.step_part(), None),
+                    donate_argnums=0,
+                ).lower(state, X, Y, key),
+            }
+            for job, lower in jobs.items():
+                if job.endswith("epoch") and not epoch:
+                    continue
+                jax.clear_caches()
+                t0 = time.perf_counter()
+                lower().compile()
+                times.setdefault(job, []).append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    sizes = "-".join(map(str, COMPILE_SIZES))
+    rows = [
+        Row(
+            "compile",
+            sizes,
+            COMPILE_BATCH,
+            "compile",
+            f"compile {k} (lower+compile)",
+            1e3 * v,
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            float("nan"),
+        )
+        for k, v in med.items()
+    ]
+    return rows, med
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(peak RSS, current RSS) in MiB; current from /proc when present."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if sys.platform == "darwin":
+        peak /= 1024
+    current = float("nan")
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                current = int(line.split()[1]) / 1024
+    return peak, current
+
+
+def _memory_mark() -> dict:
+    live = jax.live_arrays()
+    peak, current = _rss_mb()
+    return {
+        "peak_rss_mb": peak,
+        "rss_mb": current,
+        "live_arrays": len(live),
+        "live_mb": sum(a.nbytes for a in live) / 2**20,
+    }
+
+
+def memory_section(workloads: dict[str, Workload], epochs: int) -> list[dict]:
+    """Run ``epochs`` epochs through the compiled epoch; watch caches and memory."""
+    out = []
+    for name, wl in workloads.items():
+        net = network(wl.sizes)
+        params = net.init(jax.random.key(SEED), jnp.float32)
+        X_np, Y_np = synthetic(wl)
+        X, Y = jnp.asarray(X_np), jnp.asarray(Y_np)
+        cfg = config(wl.batch, "hand").step_part()
+        state, base = fresh_state(params), jax.random.key(SEED)
+        marks = {}
+        cache_before = train._run_epoch_jit._cache_size()
+        for epoch in range(1, epochs + 1):
+            key = train.epoch_key(base, epoch)
+            state, losses, ok = train._run_epoch_jit(net, cfg, None, state, X, Y, key)
+            block(state)
+            if epoch == 1:
+                cache_first = train._run_epoch_jit._cache_size()
+            if epoch in (5, MEMORY_MID, epochs):
+                del losses  # hold only what a training loop holds: the state
+                marks[epoch] = _memory_mark()
+        rec = {
+            "workload": name,
+            "epochs": epochs,
+            "cache_before": cache_before,
+            "cache_after_first": cache_first,
+            "cache_after_last": train._run_epoch_jit._cache_size(),
+            "marks": marks,
+            "finite": bool(ok),
+        }
+        out.append(rec)
+        first, last = marks[5], marks[epochs]
+        print(
+            f"   {name}: compiled epochs in cache {cache_before} -> {cache_first} "
+            f"(epoch 1) -> {rec['cache_after_last']} (epoch {epochs}); epoch 5 vs "
+            f"{epochs}: peak RSS {first['peak_rss_mb']:.1f} -> "
+            f"{last['peak_rss_mb']:.1f} MiB, RSS {first['rss_mb']:.1f} -> "
+            f"{last['rss_mb']:.1f} MiB, live arrays "
+            f"{first['live_arrays']} ({first['live_mb']:.2f} MiB) -> "
+            f"{last['live_arrays']} ({last['live_mb']:.2f} MiB)"
+        )
+    return out
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def _fmt(v: float, nd: int = 3) -> str:
+    if v != v:  # nan
+        return ""
+    return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| workload | implementation | step ms | samples/s | x hand epoch "
+        "| roofline | GFLOP/s |\n|---|---|--:|--:|--:|--:|--:|"
+    )
+    lines = [head]
+    for r in rows:
+        frac = r.roofline_fraction
+        lines.append(
+            f"| {r.workload} {r.sizes} b{r.batch} | {r.implementation} "
+            f"| {_fmt(r.step_ms, 4)} | {_fmt(r.samples_per_s)} "
+            f"| {_fmt(r.vs_hand_epoch)} | {'' if frac != frac else f'{frac:.0%}'} "
+            f"| {_fmt(r.gflops)} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(results: dict, compile_med: dict | None, memory: list[dict]) -> list[tuple]:
+    """(target, measured, PASS/MISS/n/a) for every target of the issue."""
+    out = []
+
+    def check(label, value, ok, fmt="{:.3f}"):
+        out.append((label, fmt.format(value), "PASS" if ok else "MISS"))
+
+    for name, res in results.items():
+        bound = HAND_VS_AUTO_MAX.get(name, 1.05)
+        check(
+            f"{name}: hand / jax.grad step time, per step <= {bound:.2f}",
+            res["hand_auto_step"],
+            res["hand_auto_step"] <= bound,
+        )
+        check(
+            f"{name}: hand / jax.grad step time, epoch in one call <= {bound:.2f}",
+            res["hand_auto_epoch"],
+            res["hand_auto_epoch"] <= bound,
+        )
+        med = res["median"]
+        hand = med[f"{HAND} epoch"]
+        torch_rows = sorted(k for k in med if k.startswith("PyTorch eager"))
+        for peer, bounds in (
+            (torch_name(threads()), VS_TORCH_MIN),
+            ("scikit-learn MLPClassifier", VS_SKLEARN_MIN),
+        ):
+            if name in bounds:
+                label = f"{name}: epoch throughput / {peer} >= {bounds[name]}x"
+                if peer in med:
+                    v = med[peer] / hand
+                    check(label, v, v >= bounds[name], "{:.2f}x")
+                else:
+                    out.append((label, "not installed / --no-peers", "n/a"))
+        if name in VS_TORCH_MIN and len(torch_rows) > 1:
+            best = min(torch_rows, key=med.get)
+            v = med[best] / hand
+            check(
+                f"{name}: (stricter) epoch throughput / fastest PyTorch, {best} "
+                f">= {VS_TORCH_MIN[name]}x",
+                v,
+                v >= VS_TORCH_MIN[name],
+                "{:.2f}x",
+            )
+        if PROTOTYPE in med:
+            v = hand / med[PROTOTYPE]
+            check(
+                f"{name}: library hand epoch / bare prototype epoch <= 1.05 "
+                "(abstractions cost nothing)",
+                v,
+                v <= 1.05,
+            )
+        if name in ROOFLINE_MIN:
+            v = res["roofline_s"] / hand
+            check(
+                f"{name}: roofline / hand epoch step time >= {ROOFLINE_MIN[name]:.0%}",
+                v,
+                v >= ROOFLINE_MIN[name],
+                "{:.1%}",
+            )
+        if "per_example" in res:
+            check(
+                f"{name}: per-example hand / vmap(jax.grad) time <= 1.00",
+                res["per_example"],
+                res["per_example"] <= 1.0,
+            )
+    if compile_med:
+        v = compile_med["hand step"]
+        check(
+            f"compile 4-layer hand step {COMPILE_SIZES} < {COMPILE_MAX_S} s",
+            v,
+            v < COMPILE_MAX_S,
+            "{:.3f} s",
+        )
+        v = compile_med["auto step"]
+        check(
+            f"compile 4-layer jax.grad step < {COMPILE_MAX_S} s",
+            v,
+            v < COMPILE_MAX_S,
+            "{:.3f} s",
+        )
+    for rec in memory:
+        e = rec["epochs"]
+        first, last = rec["marks"][5], rec["marks"][e]
+        retrace = rec["cache_after_last"] != rec["cache_after_first"]
+        check(
+            f"{rec['workload']}: no retracing over {e} epochs (compiled epochs added "
+            "after epoch 1)",
+            rec["cache_after_last"] - rec["cache_after_first"],
+            not retrace,
+            "{}",
+        )
+        grow = last["live_mb"] - first["live_mb"]
+        check(
+            f"{rec['workload']}: no growth of live jax arrays, epoch 5 -> {e} "
+            f"({first['live_arrays']} -> {last['live_arrays']} arrays)",
+            grow,
+            last["live_arrays"] <= first["live_arrays"] and grow <= 0,
+            "{:+.3f} MiB",
+        )
+        mid = rec["marks"].get(MEMORY_MID, first)
+        start = MEMORY_MID if MEMORY_MID in rec["marks"] else 5
+        rss = last["rss_mb"] - mid["rss_mb"]
+        check(
+            f"{rec['workload']}: RSS growth epoch {start} -> {e} below "
+            f"{MEMORY_RSS_SLACK_MB} MiB (epoch 5 -> {e}: "
+            f"{last['rss_mb'] - first['rss_mb']:+.1f} MiB; peak RSS "
+            f"{first['peak_rss_mb']:.0f} -> {last['peak_rss_mb']:.0f} MiB)",
+            rss,
+            rss < MEMORY_RSS_SLACK_MB,
+            "{:+.2f} MiB",
+        )
+    return out
+
+
+def write_outputs(
+    out_dir: Path, header: str, rows: list[Row], tgt: list[tuple], notes: list[str]
+) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plat = jax.devices()[0].platform
+    csv_path = out_dir / f"benchmark_{plat}.csv"
+    md_path = out_dir / f"benchmark_{plat}.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["device", *Row._fields])
+        for r in rows:
+            w.writerow(
+                [header, *(f"{v:.6g}" if isinstance(v, float) else v for v in r)]
+            )
+    tgt_md = "\n".join(
+        ["| target | measured | |", "|---|--:|---|"]
+        + [f"| {a} | {b} | {c} |" for a, b, c in tgt]
+    )
+    md = (
+        f"Machine: {header}\n\n{table(rows)}\n\n"
+        "`step ms`: median per training step (epoch time / batches for the epoch, "
+        "peer and ensemble rows; one model-step for ensembles); `x hand epoch`: "
+        "step time / fnnet hand epoch-in-one-call step time; `roofline`: time of "
+        "the step's matrix products alone (each at its best measured speed) / "
+        "step time.\n\n### Targets\n\n" + tgt_md + "\n"
+    )
+    if notes:
+        md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    md_path.write_text(md)
+    return csv_path, md_path
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run, < 1 minute")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="results folder")
+    parser.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated subset of " + ",".join(WORKLOADS),
+    )
+    parser.add_argument(
+        "--no-peers", action="store_true", help="skip PyTorch, scikit-learn and NumPy"
+    )
+    parser.add_argument("--memory", action="store_true", help="only the memory section")
+    args = parser.parse_args(argv)
+
+    catalogue = QUICK_WORKLOADS if args.quick else WORKLOADS
+    names = args.workloads.split(",") if args.workloads else list(catalogue)
+    unknown = [n for n in names if n not in catalogue]
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {list(catalogue)}")
+    workloads = {n: catalogue[n] for n in names}
+
+    header = machine_line()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(header)
+    if jax.config.jax_enable_x64:
+        print(
+            "note: jax_enable_x64 is on; every array here is float32/int32 explicitly"
+        )
+
+    mem_names = MEMORY_WORKLOADS[:1] if args.quick else MEMORY_WORKLOADS
+    mem_wl = {n: wl for n, wl in workloads.items() if n in mem_names}
+    epochs = QUICK_MEMORY_EPOCHS if args.quick else MEMORY_EPOCHS
+    print(f"\n== memory: {epochs} epochs through fnnet.train._run_epoch_jit")
+    memory = memory_section(mem_wl, epochs)
+    if args.memory:
+        return 0
+
+    print("\n== compile time")
+    compile_rows, compile_med = compile_section(
+        QUICK_COMPILE_REPEATS if args.quick else COMPILE_REPEATS, not args.quick
+    )
+    for k, v in compile_med.items():
+        print(f"   {k} {COMPILE_SIZES}: {v:.3f} s")
+
+    peers = {"ensemble": not args.quick}
+    if not args.no_peers:
+        peers["torch"] = optional("torch")
+        peers["sklearn"] = optional("sklearn.neural_network")
+        peers["numpy"] = np
+    else:
+        print("[skip] peers (--no-peers)")
+
+    n = QUICK_PEAK_SIZE if args.quick else PEAK_SIZE
+    g_xla, g_np = peak_gflops(n, 3 if args.quick else ROOFLINE_ROUNDS)
+    peak_line = (
+        f"peak float32 matrix product {n}^3: XLA {g_xla:.1f} GFLOP/s, "
+        f"NumPy {g_np:.1f} GFLOP/s"
+    )
+    print(peak_line)
+
+    rows: list[Row] = []
+    results: dict = {}
+    for name, wl in workloads.items():
+        rows += run_workload(name, wl, peers, results)
+    rows += compile_rows
+
+    print("\n" + table(rows))
+    tgt = targets(results, compile_med, memory)
+    print("\n== targets")
+    width = max(len(t[0]) for t in tgt)
+    for label, value, verdict in tgt:
+        print(f"  {label:<{width}}  {value:>12}  {verdict}")
+    notes = [peak_line, load_line(load_start)] + [
+        f"{name}: FLOPs per step {res['flops']:.4g}" for name, res in results.items()
+    ]
+    for name, res in results.items():
+        med = res["median"]
+        one = f"ensemble K={ENSEMBLE_K}, one call (vmap)"
+        if one in med:
+            sp = med[f"ensemble K={ENSEMBLE_K}, sequential"] / med[one]
+            notes.append(
+                f"{name}: K={ENSEMBLE_K} models in one call ({ENSEMBLE_API}) run at "
+                f"{sp:.2f}x the throughput of {ENSEMBLE_K} sequential epoch calls "
+                "(< 1: slower)"
+            )
+            print(f"  {notes[-1]}")
+    for rec in memory:
+        m = rec["marks"]
+        notes.append(
+            f"memory, {rec['workload']}, {rec['epochs']} epochs: peak RSS "
+            f"{m[5]['peak_rss_mb']:.0f} MiB after epoch 5, "
+            f"{m[rec['epochs']]['peak_rss_mb']:.0f} MiB after epoch {rec['epochs']}; "
+            f"live arrays {m[5]['live_arrays']} -> {m[rec['epochs']]['live_arrays']}; "
+            f"compiled epochs {rec['cache_after_first']} -> {rec['cache_after_last']}"
+        )
+    csv_path, md_path = write_outputs(args.out, header, rows, tgt, notes)
+    print(f"\nwrote {csv_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
