@@ -1,0 +1,136 @@
+"""`python -m experiments --quick` runs every study and writes sane results."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiments")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def test_every_study_writes_csv_markdown_and_png(quick):
+    out, _ = quick
+    for name in (
+        "gradient.csv",
+        "gradient_eps.csv",
+        "gradient_saturation.csv",
+        "gradient_kink.csv",
+        "gradient_jit.csv",
+        "gradient.md",
+        "gradient_depth.png",
+        "gradient_heatmap.png",
+        "gradient_eps.png",
+        "regularization.csv",
+        "regularization_curves.csv",
+        "regularization.md",
+        "regularization.png",
+        "results_table.csv",
+        "results_table.md",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size < 500_000
+
+
+def test_gradient_csv(quick):
+    out, _ = quick
+    rows = read_csv(out / "gradient.csv")
+    assert set(rows[0]) >= {
+        "activation",
+        "depth",
+        "width",
+        "output",
+        "loss",
+        "dtype",
+        "layer",
+        "hand_vs_auto",
+        "hand_vs_fd",
+        "auto_vs_fd",
+    }
+    assert {r["dtype"] for r in rows} == {"float32", "float64"}
+    f64 = [r for r in rows if r["dtype"] == "float64"]
+    assert max(float(r["hand_vs_auto"]) for r in f64) < 1e-10
+    assert max(float(r["hand_vs_fd"]) for r in f64) < 1e-5
+    f32 = [r for r in rows if r["dtype"] == "float32"]
+    assert max(float(r["hand_vs_auto"]) for r in f32) < 1e-5
+    jit = read_csv(out / "gradient_jit.csv")
+    assert (
+        max(float(r["hand_vs_auto_max"]) for r in jit if r["dtype"] == "float64")
+        < 1e-10
+    )
+    kink = {
+        (r["activation"], float(r["offset"])): r
+        for r in read_csv(out / "gradient_kink.csv")
+    }
+    # FD straddling a ReLU kink is off by O(1); away from it, and for softplus, exact
+    assert float(kink["relu", 0.0]["hand_vs_fd"]) > 0.1
+    assert float(kink["softplus", 0.0]["hand_vs_fd"]) < 1e-6
+    assert "Where and why they differ" in (out / "gradient.md").read_text()
+
+
+def test_regularization_csv(quick):
+    out, _ = quick
+    rows = read_csv(out / "regularization.csv")
+    assert {r["variant"] for r in rows} == {"none", "l2", "dropout", "early_stopping"}
+    assert len({r["seed"] for r in rows}) >= 1
+    for r in rows:
+        assert 0.0 <= float(r["test_accuracy"]) <= 1.0
+        assert float(r["test_loss"]) > 0
+    curves = read_csv(out / "regularization_curves.csv")
+    assert set(curves[0]) >= {"dataset", "variant", "epoch", "train_loss", "val_loss"}
+
+
+def test_results_table(quick):
+    out, _ = quick
+    rows = read_csv(out / "results_table.csv")
+    assert {r["grad"] for r in rows} == {"hand", "auto"}
+    assert set(rows[0]) >= {"dataset", "seed", "grad", "metric", "value"}
+    text = (out / "results_table.md").read_text()
+    assert "seed 0 hand" in text and "seed 0 auto" in text and "target" in text
+
+
+def test_speed_written_or_skipped_with_a_reason(quick):
+    out, proc = quick
+    files = list(out.glob("speed_*.csv"))
+    if not files:  # the benchmark harness is not there: skipped, with a message
+        assert "speed: SKIPPED" in proc.stdout + proc.stderr
+        return
+    rows = read_csv(files[0])
+    assert set(rows[0]) >= {
+        "platform",
+        "device_kind",
+        "sizes",
+        "batch",
+        "hand_ms",
+        "auto_ms",
+        "per_example_hand_ms",
+        "per_example_auto_ms",
+    }
+    assert all(float(r["hand_ms"]) > 0 and float(r["auto_ms"]) > 0 for r in rows)
+    assert files[0].with_suffix(".png").exists()
+    assert files[0].with_suffix(".md").exists()
