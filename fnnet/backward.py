@@ -59,8 +59,22 @@ def weight_grad(delta: Array, z_prev: Array) -> Array:
     """dL/dW^(l) = delta^(l) z^(l-1)^T (eqs. 10, 13); Delta^T Z summed over rows."""
     if delta.ndim == 1:
         return jnp.outer(delta, z_prev)
-    # Delta^T Z as one dot_general contracting the batch axes (no transpose).
+    return jax.lax.platform_dependent(
+        delta, z_prev, cpu=_transposed_then_product, default=_batch_contraction
+    )
+
+
+def _batch_contraction(delta: Array, z_prev: Array) -> Array:
+    # Delta^T Z as one dot_general contracting the batch axes.
     return jax.lax.dot_general(delta, z_prev, (((0,), (0,)), ((), ())))
+
+
+def _transposed_then_product(delta: Array, z_prev: Array) -> Array:
+    # XLA:CPU sends a product that contracts axis 0 of both operands to a
+    # slower kernel than (M_l, N) @ (N, M_{l-1}); materialising Delta^T first
+    # (the barrier stops XLA from folding the transpose back into the product)
+    # measured about 5% faster per training step on 784-512-512-10, batch 256.
+    return jax.lax.optimization_barrier(delta.T) @ z_prev
 
 
 def bias_grad(delta: Array) -> Array:

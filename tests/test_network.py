@@ -519,7 +519,9 @@ AUTODIFF_FUNCTIONS = (
     "jacfwd",
     "jacrev",
 )
-FORBIDDEN_PRIMITIVES = ("custom_jvp_call", "custom_vjp_call", "transpose", "jvp")
+# Autodiff leaves custom_jvp/custom_vjp calls or jvp primitives in a jaxpr.
+# (lax.transpose, the array transposition of Delta^T on the CPU, is not one.)
+FORBIDDEN_PRIMITIVES = ("custom_jvp_call", "custom_vjp_call", "jvp", "linear_call")
 
 
 def primitive_names(jaxpr):
