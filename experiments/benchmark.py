@@ -56,6 +56,11 @@ import numpy as np
 from fnnet import train
 from fnnet.network import MLP, _cost_impl, backprop_impl
 
+try:
+    from experiments.readme import update_block
+except ImportError:  # run as a script: experiments/ itself is on sys.path
+    from readme import update_block
+
 OUT_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
 LEARNING_RATE = 0.01
@@ -1070,6 +1075,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-peers", action="store_true", help="skip PyTorch, scikit-learn and NumPy"
     )
     parser.add_argument("--memory", action="store_true", help="only the memory section")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also write the table into README.md's benchmark-table block",
+    )
     args = parser.parse_args(argv)
 
     catalogue = QUICK_WORKLOADS if args.quick else WORKLOADS
@@ -1155,6 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     csv_path, md_path = write_outputs(args.out, header, rows, tgt, notes)
     print(f"\nwrote {csv_path} and {md_path}")
+    if args.update_readme:
+        print(update_block("benchmark-table", md_path.read_text()))
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.readme import update_block
 from fnnet import cli
 
 # name: (metric key in metrics.json, target on the default split (seed 0))
@@ -38,8 +39,6 @@ TARGETS = {
 SEEDS = (0, 1, 2, 3, 4)
 GRADS = ("hand", "auto")
 QUICK = dict(datasets=("iris",), seeds=(0, 1), extra=["--epochs", "5"])
-README = Path(__file__).resolve().parent.parent / "README.md"
-START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 
 
 def train(name, seed, grad, extra):
@@ -154,19 +153,8 @@ def markdown_table(rows, datasets, seeds):
 
 
 def update(table: str) -> str:
-    """Rewrite the marked block of README.md; returns what was done."""
-    if not README.exists():
-        return "results: README.md not found; wrote results_table.md only"
-    text = README.read_text()
-    if START not in text or END not in text:
-        return (
-            f"results: markers {START} / {END} not in README.md; wrote "
-            "results_table.md only"
-        )
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{table}{END}{tail}")
-    return "results: rewrote the results-table block of README.md"
+    """Rewrite the results-table block of README.md; returns what was done."""
+    return update_block("results-table", table)
 
 
 if __name__ == "__main__":
