@@ -57,9 +57,9 @@ from fnnet import train
 from fnnet.network import MLP, _cost_impl, backprop_impl
 
 try:
-    from experiments.readme import update_block
+    from experiments.report import update_block
 except ImportError:  # run as a script: experiments/ itself is on sys.path
-    from readme import update_block
+    from report import update_block
 
 OUT_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0

@@ -22,7 +22,6 @@ and gradient.md.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 from pathlib import Path
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.report import write_csv
 from fnnet.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
 from fnnet.gradcheck import DEFAULT_EPS, relative_error
 from fnnet.network import MLP, forward_cache
@@ -345,16 +345,6 @@ def kink_rows(offsets, progress):
 
 
 # --- writing --------------------------------------------------------------------
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow(
-                {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()}
-            )
 
 
 def plots(out, rows, eps, acts, depths):

@@ -17,7 +17,6 @@ regularization.md.
 
 from __future__ import annotations
 
-import csv
 import itertools
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.report import write_csv
 from fnnet.data import load_dataset
 from fnnet.network import MLP
 from fnnet.train import TrainConfig, evaluate, fit
@@ -99,16 +99,6 @@ def run(out: Path, quick: bool, progress) -> list[str]:
     return markdown(
         out / "regularization.md", rows, curves, datasets, hidden, epochs, quick
     )
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow(
-                {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()}
-            )
 
 
 LABELS = {

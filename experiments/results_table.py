@@ -15,7 +15,6 @@ rewrites the block between ``<!-- results-table:start -->`` and
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import itertools
 import json
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.readme import update_block
+from experiments.report import update_block, write_csv
 from fnnet import cli
 
 # name: (metric key in metrics.json, target on the default split (seed 0))
@@ -66,13 +65,7 @@ def run(out: Path, quick: bool, progress, update_readme: bool = False) -> list[s
             | dict(value=m[key], test_loss=m["test_loss"], epochs_run=m["epochs_run"])
             | dict(best_epoch=m["best_epoch"], train_seconds=m["train_seconds"])
         )
-    with open(out / "results_table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow(
-                {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()}
-            )
+    write_csv(out / "results_table.csv", rows)
     table, heads = markdown_table(rows, datasets, seeds)
     note = (
         "QUICK run (iris, `--epochs 5`, 2 seeds): not the real table. " if quick else ""

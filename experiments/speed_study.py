@@ -10,13 +10,14 @@ speed_<platform>.md (platform = jax.devices()[0].platform: cpu, gpu, ...).
 
 from __future__ import annotations
 
-import csv
 import itertools
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from experiments.report import write_csv
 
 SIZES = ((64, 64, 10), (256, 256, 10), (784, 512, 512, 10), (784, 1024, 1024, 10))
 BATCHES = (32, 128, 512)
@@ -57,13 +58,7 @@ def run(out: Path, quick: bool, progress) -> list[str]:
         )
         rows.append(row)
     stem = out / f"speed_{platform}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow(
-                {k: f"{v:.5g}" if isinstance(v, float) else v for k, v in r.items()}
-            )
+    write_csv(f"{stem}.csv", rows, digits=5)
     plot(f"{stem}.png", rows, sizes, platform, kind)
     return markdown(f"{stem}.md", rows, platform, kind, quick)
 

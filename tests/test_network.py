@@ -11,6 +11,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from references import REFERENCE_H
 
 import fnnet
 from fnnet import backward as bw
@@ -116,18 +117,6 @@ def test_one_activation_name_equals_one_per_layer():
 
 
 # --- forward against a plain jax.nn reference ---------------------------------
-
-REFERENCE_H = {
-    "identity": lambda a: a,
-    "sigmoid": jax.nn.sigmoid,
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "leaky_relu": lambda a: jax.nn.leaky_relu(a, negative_slope=0.01),
-    "softplus": jax.nn.softplus,
-    "elu": jax.nn.elu,
-    "gelu": lambda a: jax.nn.gelu(a, approximate=False),
-    "softmax": lambda a: jax.nn.softmax(a, axis=-1),
-}
 
 
 def reference_forward(hidden, output, params, x):

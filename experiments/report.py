@@ -1,10 +1,11 @@
-"""Rewrite a generated block of the top-level README.md.
+"""Writing the studies' outputs: CSV files and generated blocks of README.md.
 
-A block sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; the
-scripts that produce a table replace what is between the markers, so the
+A README block sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``;
+the scripts that produce a table replace what is between the markers, so the
 README's numbers always come from a run, never from typing.
 """
 
+import csv
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -25,3 +26,17 @@ def update_block(name: str, body: str, readme: Path = README) -> str:
     tmp.write_text(f"{head}{start}\n{body}{end}{tail}")
     tmp.replace(readme)
     return f"{name}: rewrote its block of {readme.name}"
+
+
+def write_csv(path, rows: list[dict], digits: int = 6) -> None:
+    """Rows of dicts to a CSV file; floats with ``digits`` significant digits."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow(
+                {
+                    k: f"{v:.{digits}g}" if isinstance(v, float) else v
+                    for k, v in r.items()
+                }
+            )
