@@ -148,14 +148,14 @@ def predict(net: MLP, params: Params, x: Array) -> Array:
     member0 = jax.tree.map(lambda leaf: leaf[0], params)
     net._check_params(member0)
     x = net._check_x(x)
-    return _predict(net, params, x)
+    return jnp.mean(_member_outputs(net, params, x), axis=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _predict(net, params, x):
+def _member_outputs(net, params, x):
+    """yhat of every member, stacked on a leading axis."""
     x = x.astype(params[0]["W"].dtype)
-    per_member = jax.vmap(lambda p: forward_cache(net, p, x)[1][-1])(params)
-    return jnp.mean(per_member, axis=0)
+    return jax.vmap(lambda p: forward_cache(net, p, x)[1][-1])(params)
 
 
 def evaluate(net: MLP, params: Params, x: Array, y: Array) -> dict[str, float]:
@@ -165,15 +165,19 @@ def evaluate(net: MLP, params: Params, x: Array, y: Array) -> dict[str, float]:
     x = net._check_x(x)
     y = net._check_y(y, x)
     X, Y = _prepare(net, member0, x, y)
-    yhat = _predict(net, params, X)
-    members = jax.vmap(
-        lambda p: _evaluate_output(net, forward_cache(net, p, X)[1][-1], Y)
-    )(params)
+    ensemble, members = _scores(net, params, X, Y)
     name = metric_name(net)
     return {
-        f"ensemble_{name}": float(_evaluate_output(net, yhat, Y)),
+        f"ensemble_{name}": float(ensemble),
         f"member_{name}": [float(m) for m in members],
     }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(net, params, X, Y):
+    per_member = _member_outputs(net, params, X)
+    members = jax.vmap(lambda yhat: _evaluate_output(net, yhat, Y))(per_member)
+    return _evaluate_output(net, jnp.mean(per_member, axis=0), Y), members
 
 
 def _members(params: Params) -> int:

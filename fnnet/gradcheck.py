@@ -129,7 +129,10 @@ def gradcheck(
     Returns:
       A :class:`GradcheckReport` with one row per (layer, leaf).
     """
-    net.backprop(params, x, y, key=key)  # runs every input check
+    net._check_params(params)
+    x = net._check_x(x)
+    y = net._check_y(y, x)
+    net._check_key(key)
     dtype = jnp.dtype(params[0]["W"].dtype)
     eps = float(DEFAULT_EPS.get(dtype, 1e-3) if eps is None else eps)
     fd_key = jax.random.key(0) if fd_key is None else fd_key
