@@ -504,9 +504,13 @@ def _masks_for(net, key, x):
     return dropout_masks(net, key, x.shape[:-1], x.dtype)
 
 
-def _cost_impl(net: MLP, params: Params, x: Array, y: Array, masks) -> Array:
-    a_list, z_list = forward_cache(net, params, x, masks)
+def mean_loss(net: MLP, a_list, z_list, y: Array) -> Array:
+    """J = mean of L_i over the batch, from a forward pass's cache."""
     return jnp.mean(losses.per_example_loss(net.loss, a_list[-1], z_list[-1], y))
+
+
+def _cost_impl(net: MLP, params: Params, x: Array, y: Array, masks) -> Array:
+    return mean_loss(net, *forward_cache(net, params, x, masks), y)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -546,7 +550,7 @@ def backprop_impl(
     """
     a_list, z_list = forward_cache(net, params, x, masks)
     a_L, yhat = a_list[-1], z_list[-1]
-    J = jnp.mean(losses.per_example_loss(net.loss, a_L, yhat, y))
+    J = mean_loss(net, a_list, z_list, y)
     # J is a mean over the rows of a batch: each row's delta carries 1/N.
     inv_n = 1.0 / x.shape[0] if x.ndim == 2 else 1.0
     y_dense = losses.dense_targets(net.loss, y, net.sizes[-1], yhat.dtype)

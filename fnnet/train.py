@@ -38,7 +38,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fnnet import checkpoint as ckpt
-from fnnet import losses
 from fnnet.network import (
     MLP,
     _cost_impl,
@@ -46,6 +45,7 @@ from fnnet.network import (
     backprop_impl,
     dropout_masks,
     forward_cache,
+    mean_loss,
 )
 from fnnet.types import Array, Grads, Params
 
@@ -330,7 +330,7 @@ def epoch_key(base_key: Array, epoch: int) -> Array:
 def _evaluate(net: MLP, params, X, Y):
     """J and the metric on prepared arrays, in evaluation mode (no dropout)."""
     a_list, z_list = forward_cache(net, params, X)
-    J = jnp.mean(losses.per_example_loss(net.loss, a_list[-1], z_list[-1], Y))
+    J = mean_loss(net, a_list, z_list, Y)
     return J, _evaluate_output(net, z_list[-1], Y)
 
 
