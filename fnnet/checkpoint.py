@@ -66,10 +66,19 @@ _READ_ERRORS = (
     NotImplementedError,
 )
 
-# Temporary files from mkstemp are 0600; give the checkpoint the mode an ordinary
-# open() would. The umask is read once, at import, so save() never changes it.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:  # Linux: /proc reports it; nothing is changed, no race with threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting and restoring it
+    os.umask(mask)
+    return mask
 
 
 class CheckpointError(ValueError):
@@ -200,9 +209,9 @@ def save(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> pathli
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mode = path.stat().st_mode & 0o777
+        mode = path.stat().st_mode & 0o777  # an overwrite keeps the file's mode
     except OSError:
-        mode = 0o666 & ~_UMASK
+        mode = 0o666 & ~_umask()  # a new file: what an ordinary open() gives
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
     )
@@ -212,7 +221,7 @@ def save(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> pathli
             np.savez(f, allow_pickle=False, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         # Includes KeyboardInterrupt: never leave the temporary file behind.
