@@ -6,7 +6,7 @@ fixed seed) side by side in one process:
 
 * fnnet ``grad="hand"`` and ``grad="auto"`` (``jax.grad`` of the same cost),
   one jitted ``train_step`` per mini-batch and a whole epoch in one compiled
-  call (``fnnet.train._run_epoch_jit``, ``lax.scan`` over the batches);
+  call (``fnnet.train.run_epoch_jit``, ``lax.scan`` over the batches);
 * per-example gradients: ``vmap`` of the single-example hand backward pass
   against ``vmap(jax.grad)``;
 * K models in one call (``vmap`` of the epoch over parameter sets) against K
@@ -16,6 +16,11 @@ fixed seed) side by side in one process:
   hand-written backprop;
 * the roofline: every matrix product of one step timed alone at the best
   speed measured for its shape (XLA or NumPy, best of several), summed;
+* the pre-change baseline: fnnet as it was at a git revision (``--baseline-rev``,
+  default b5dbbd5), unpacked with ``git archive`` into a temporary directory and
+  imported as ``fnnet_baseline`` (the working tree is not touched); its hand
+  epoch is timed in alternation with the library's on the small and medium
+  workloads. Without git or the revision it says "baseline skipped: <why>";
 * compile time of a 4-layer training step, and memory over 50 epochs.
 
 Timings are medians over interleaved rounds (every implementation once per
@@ -28,6 +33,8 @@ Run from the repository root:
     python experiments/benchmark.py --quick         # smoke run, under a minute
     python experiments/benchmark.py --workloads small,medium --no-peers
     python experiments/benchmark.py --memory        # the memory section only
+    python experiments/benchmark.py --workloads small,medium --no-peers \
+        --baseline-rev b5dbbd5                      # no speed loss since b5dbbd5?
 
 Writes ``benchmark_<platform>.csv`` and ``.md`` to ``experiments/results/``
 (or ``--out DIR``).
@@ -39,12 +46,18 @@ import argparse
 import csv
 import functools
 import importlib
+import io
 import os
 import platform
+import re
 import resource
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -53,8 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnnet import train
-from fnnet.network import MLP, _cost_impl, backprop_impl
+from fnnet import MLP, core, train
 
 try:
     from experiments.report import update_block
@@ -113,8 +125,27 @@ VS_SKLEARN_MIN = {"small": 8.0}
 ROOFLINE_MIN = {"small": 0.85, "medium": 0.85, "large": 0.90}
 COMPILE_MAX_S = 0.5
 
+# The pre-change baseline: fnnet as it was at a git revision, imported from a
+# `git archive` of it under another package name and timed in alternation with
+# the library's hand epoch ("no speed loss" of a redesign).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASELINE_REV = "b5dbbd5"
+BASELINE_PACKAGE = "fnnet_baseline"
+BASELINE_WORKLOADS = ("small", "medium")
+# Alternating A/B rounds, one epoch each, no settling pause: on a shared
+# 2-core machine single epochs vary by +-10% in slow spells longer than an
+# epoch, so the finest alternation and many rounds resolve 2% best (the 95%
+# interval of the median ratio is printed with it).
+BASELINE_ROUNDS = {"small": 401, "medium": 101}
+QUICK_BASELINE_ROUNDS = 5
+BASELINE_MAX = 1.02  # library hand epoch / pre-change hand epoch
+
 HAND, AUTO = "fnnet hand", "fnnet jax.grad"
 PROTOTYPE = "prototype: bare hand step in scan (no library)"
+
+
+def baseline_name(rev: str) -> str:
+    return f"pre-change fnnet ({rev}) hand epoch"
 
 
 def torch_name(n_threads: int) -> str:
@@ -166,7 +197,9 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-def interleaved(runners: dict[str, Callable[[], None]], repeats: int):
+def interleaved(
+    runners: dict[str, Callable[[], None]], repeats: int, settle: float = SETTLE_S
+):
     """Seconds per call of each runner: warm-up, then rounds in rotating order."""
     names = list(runners)
     for _ in range(WARMUP):
@@ -175,7 +208,8 @@ def interleaved(runners: dict[str, Callable[[], None]], repeats: int):
     times = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            time.sleep(SETTLE_S)
+            if settle:
+                time.sleep(settle)
             t0 = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - t0)
@@ -184,6 +218,14 @@ def interleaved(runners: dict[str, Callable[[], None]], repeats: int):
 
 def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """Distribution-free ~95% interval of the median (order statistics)."""
+    v, n = sorted(values), len(values)
+    lo = int(np.floor(n / 2 - z * np.sqrt(n) / 2))
+    hi = int(np.ceil(n / 2 + z * np.sqrt(n) / 2))
+    return v[min(max(lo, 0), n - 1)], v[min(max(hi, 0), n - 1)]
 
 
 def synthetic(wl: Workload, seed: int = SEED):
@@ -229,7 +271,7 @@ def step_runner(net, cfg, params, xs, ys):
 
 
 def epoch_runner(net, cfg, params, X, Y):
-    """One compiled call per epoch (fnnet.train._run_epoch_jit)."""
+    """One compiled call per epoch (fnnet.train.run_epoch_jit)."""
     state, base, epoch = fresh_state(params), jax.random.key(SEED), 0
     cfg = cfg.step_part()
 
@@ -237,7 +279,7 @@ def epoch_runner(net, cfg, params, X, Y):
         nonlocal state, epoch
         epoch += 1
         key = train.epoch_key(base, epoch)
-        state, _, _ = train._run_epoch_jit(net, cfg, None, state, X, Y, key)
+        state, _, _ = train.run_epoch_jit(net, cfg, None, state, X, Y, key)
         block(state)
 
     return run
@@ -247,10 +289,10 @@ def per_example_fns(net):
     """(hand, auto): per-example gradients, each jitted on (params, x, y)."""
 
     def hand(p, x, y):
-        return backprop_impl(net, p, x, y).grads
+        return core.backprop(net, p, x, y).grads
 
     def auto(p, x, y):
-        return jax.grad(lambda q: _cost_impl(net, q, x, y, None))(p)
+        return jax.grad(lambda q: core.cost(net, q, x, y))(p)
 
     vm = functools.partial(jax.vmap, in_axes=(None, 0, 0))
     return jax.jit(vm(hand)), jax.jit(vm(auto))
@@ -308,7 +350,7 @@ def ensemble_runners(net, cfg, params_k, X, Y, k: int):
         epoch[1] += 1
         for i in range(k):
             key = train.epoch_key(member_keys[i], epoch[1])
-            singles[i], _, _ = train._run_epoch_jit(
+            singles[i], _, _ = train.run_epoch_jit(
                 net, cfg, None, singles[i], X, Y, key
             )
         block(singles)
@@ -365,6 +407,302 @@ def prototype_runner(wl: Workload, params, X, Y):
         block(state)
 
     return run
+
+
+# ------------------------------------------------------ the pre-change baseline
+
+
+class Baseline(NamedTuple):
+    """fnnet as it was at a git revision, imported as another package."""
+
+    rev: str  # the short commit hash, for labels
+    package: object  # the imported package (its MLP is the baseline's)
+    train: object  # its train module: TrainConfig, make_optimizer, init_state...
+    epoch: Callable  # its jitted epoch, called like fnnet.train.run_epoch_jit
+    how: str  # where it came from, for the remarks below the table
+
+
+_BASELINE_DIRS: list = []  # temporary directories kept until the process ends
+_BASELINES: dict[tuple[str, str], Baseline] = {}  # (package, commit) -> loaded
+
+_IMPORT_LINE = re.compile(r"^[ \t]*(?:from|import)[ \t]+fnnet\b", re.M)
+_FROM_IMPORT = re.compile(r"^([ \t]*)from[ \t]+fnnet((?:\.\w+)*)[ \t]+import\b", re.M)
+_IMPORT_AS = re.compile(r"^([ \t]*)import[ \t]+fnnet((?:\.\w+)*)[ \t]+as\b", re.M)
+_IMPORT = re.compile(r"^([ \t]*)import[ \t]+fnnet((?:\.\w+)*)[ \t]*(?=#|$)", re.M)
+
+
+def rename_imports(source: str, package: str) -> str:
+    """``source`` with its imports of fnnet turned into imports of ``package``.
+
+    ``from fnnet.x import y`` and ``import fnnet.x as y`` name ``package``
+    instead; ``import fnnet.x`` becomes ``import package.x`` followed by
+    ``import package as fnnet``, which binds the same name to the same thing.
+    """
+    source = _FROM_IMPORT.sub(rf"\1from {package}\2 import", source)
+    source = _IMPORT_AS.sub(rf"\1import {package}\2 as", source)
+
+    def plain(m: re.Match) -> str:
+        indent, sub = m.group(1), m.group(2)
+        if not sub:
+            return f"{indent}import {package} as fnnet"
+        return f"{indent}import {package}{sub}; import {package} as fnnet"
+
+    return _IMPORT.sub(plain, source)
+
+
+def _leaked_modules(package: str) -> list[str]:
+    """Names in the loaded ``package`` that come from the working tree's fnnet."""
+    leaks = set()
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.split(".")[0] != package:
+            continue
+        for attr, value in list(vars(mod).items()):
+            try:
+                if isinstance(value, types.ModuleType):
+                    origin = value.__name__
+                else:
+                    origin = getattr(value, "__module__", None)
+            except Exception:  # noqa: BLE001 - exotic objects: not ours
+                continue
+            if isinstance(origin, str) and (
+                origin == "fnnet" or origin.startswith("fnnet.")
+            ):
+                leaks.add(f"{mod_name}.{attr} from {origin}")
+    return sorted(leaks)
+
+
+def _forget(package: str) -> None:
+    for name in [m for m in sys.modules if m.split(".")[0] == package]:
+        del sys.modules[name]
+
+
+def _git(*args: str) -> bytes:
+    """stdout of ``git -C REPO_ROOT args``; RuntimeError with git's complaint."""
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args],
+            capture_output=True,
+            timeout=60,
+        )
+    except FileNotFoundError:
+        raise RuntimeError("git is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"git {args[0]} timed out") from None
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(
+            f"git {' '.join(args)} failed: {err[-1] if err else proc.returncode}"
+        )
+    return proc.stdout
+
+
+def load_baseline(rev: str, package: str = BASELINE_PACKAGE) -> Baseline:
+    """fnnet at git revision ``rev``, without touching the working tree.
+
+    ``git archive rev fnnet`` is unpacked into a temporary directory, the
+    package folder renamed to ``package`` and its imports of fnnet rewritten
+    (:func:`rename_imports`); then it is imported from there. RuntimeError
+    says why, when git, the checkout or the revision is missing, or the old
+    code does not import.
+    """
+    try:
+        top = _git("rev-parse", "--show-toplevel").decode().strip()
+    except RuntimeError as e:
+        raise RuntimeError(f"{REPO_ROOT} is not a git checkout ({e})") from None
+    if Path(top).resolve() != REPO_ROOT:
+        raise RuntimeError(f"{REPO_ROOT} is not the root of a git checkout")
+    try:
+        commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except RuntimeError:
+        raise RuntimeError(
+            f"revision {rev!r} is not in this clone (a shallow clone?)"
+        ) from None
+    commit = commit.decode().strip()
+    short = _git("rev-parse", "--short", commit).decode().strip()
+    if (package, commit) in _BASELINES:
+        return _BASELINES[package, commit]
+    _forget(package)  # another revision, or another copy of this script's
+    tar = _git("archive", "--format=tar", commit, "fnnet")
+    tmp = tempfile.TemporaryDirectory(prefix="fnnet_baseline_")
+    _BASELINE_DIRS.append(tmp)  # removed when the process ends
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        if hasattr(tarfile, "data_filter"):
+            archive.extractall(tmp.name, filter="data")
+        else:  # Python < 3.10.12: git's own archive of our own repository
+            archive.extractall(tmp.name)
+    src = Path(tmp.name) / package
+    (Path(tmp.name) / "fnnet").rename(src)
+    for path in src.rglob("*.py"):
+        text = rename_imports(path.read_text(), package)
+        left = _IMPORT_LINE.findall(text)
+        if left:
+            raise RuntimeError(f"{path.name}: imports not rewritten: {left}")
+        path.write_text(text)
+    sys.path.insert(0, tmp.name)
+    importlib.invalidate_caches()
+    try:
+        loaded = importlib.import_module(package)
+        btrain = importlib.import_module(f"{package}.train")
+    except Exception as e:  # noqa: BLE001 - any failure: report and go on
+        _forget(package)
+        raise RuntimeError(
+            f"importing fnnet at {short} failed: {type(e).__name__}: {e}"
+        ) from None
+    finally:
+        sys.path.remove(tmp.name)
+    leaks = _leaked_modules(package)
+    if leaks:
+        _forget(package)
+        raise RuntimeError(f"it uses the working tree's fnnet: {leaks[:3]}")
+    epoch = getattr(btrain, "run_epoch_jit", None)
+    how = f"{package}.train.run_epoch_jit"
+    if epoch is None:
+        # Revisions before the redesign jit run_epoch privately, with exactly
+        # these arguments; jit their public run_epoch the same way.
+        epoch = jax.jit(
+            btrain.run_epoch,
+            static_argnums=(0, 1, 2),
+            static_argnames="sharding",
+            donate_argnums=3,
+        )
+        how = (
+            f"jax.jit of {package}.train.run_epoch (static net, config, "
+            "optimizer; donated state)"
+        )
+    _BASELINES[package, commit] = Baseline(
+        short,
+        loaded,
+        btrain,
+        epoch,
+        f"fnnet at {short} (`git archive {rev} fnnet`, imported as {package}); "
+        f"epoch: {how}",
+    )
+    return _BASELINES[package, commit]
+
+
+def hand_epoch_runner(lib, epoch_fn, net, params, X, Y, batch, losses: list):
+    """One hand epoch per call through ``lib``'s own config, optimizer and state.
+
+    ``lib`` is a train module (the library's or the baseline's), ``epoch_fn``
+    its jitted epoch; SGD, learning rate LEARNING_RATE, the epoch keys of
+    seed SEED. The losses of the first epoch are appended to ``losses``.
+    """
+    cfg = lib.TrainConfig(
+        learning_rate=LEARNING_RATE, batch_size=batch, grad="hand"
+    ).step_part()
+    optimizer = lib.make_optimizer(cfg)
+    owned = jax.tree.map(lambda t: jnp.array(t, copy=True), params)
+    state, base, epoch = lib.init_state(owned, optimizer), jax.random.key(SEED), 0
+
+    def run():
+        nonlocal state, epoch
+        epoch += 1
+        key = lib.epoch_key(base, epoch)
+        state, batch_losses, _ = epoch_fn(net, cfg, optimizer, state, X, Y, key)
+        block(state)
+        if epoch == 1:
+            losses.append(np.asarray(batch_losses))
+
+    return run
+
+
+def baseline_section(
+    name: str, wl: Workload, baseline: Baseline, rounds: int, results: dict
+) -> list[Row]:
+    """The library's hand epoch and the baseline's, timed in alternation.
+
+    Same data, seed, initial parameters (each library's init with the same
+    key) and epoch keys; ``rounds`` rounds of one epoch each after a
+    warm-up, the order swapped every round (A B, B A, ...) and no pause
+    between calls, so drift and slow spells hit both alike. The ratio is the
+    median of the per-round ratios, with its ~95% interval.
+    """
+    X_np, Y_np = synthetic(wl)
+    X, Y = jnp.asarray(X_np), jnp.asarray(Y_np)
+    key = jax.random.key(SEED)
+    lib_net = network(wl.sizes)
+    base_net = baseline.package.MLP(
+        wl.sizes, activation="relu", output="softmax", loss="cross_entropy"
+    )
+    lib_params = lib_net.init(key, jnp.float32)
+    base_params = base_net.init(key, jnp.float32)
+    a, b = jax.tree.leaves(lib_params), jax.tree.leaves(base_params)
+    same_init = len(a) == len(b) and all(
+        x.shape == y.shape and bool(jnp.array_equal(x, y))
+        for x, y in zip(a, b, strict=False)
+    )
+    lib_name, base_name = f"{HAND} epoch", baseline_name(baseline.rev)
+    losses = {lib_name: [], base_name: []}
+    runners = {
+        lib_name: hand_epoch_runner(
+            train,
+            train.run_epoch_jit,
+            lib_net,
+            lib_params,
+            X,
+            Y,
+            wl.batch,
+            losses[lib_name],
+        ),
+        base_name: hand_epoch_runner(
+            baseline.train,
+            baseline.epoch,
+            base_net,
+            base_params,
+            X,
+            Y,
+            wl.batch,
+            losses[base_name],
+        ),
+    }
+    t_start = time.perf_counter()
+    times = interleaved(runners, rounds, settle=0.0)
+    per_step = {k: [t / wl.batches for t in ts] for k, ts in times.items()}
+    med = {k: statistics.median(ts) for k, ts in per_step.items()}
+    ratios = [a / b for a, b in zip(times[lib_name], times[base_name], strict=True)]
+    ratio = statistics.median(ratios)
+    lo, hi = median_interval(ratios)
+    of_medians = med[lib_name] / med[base_name]
+    la, lb = losses[lib_name][0], losses[base_name][0]
+    loss_diff = float(np.max(np.abs(la - lb))) if la.shape == lb.shape else float("nan")
+    print(
+        f"   pre-change A/B ({rounds} alternating rounds, "
+        f"{time.perf_counter() - t_start:.1f} s): library hand epoch "
+        f"{1e3 * med[lib_name]:.4g} ms/step, {baseline.rev} "
+        f"{1e3 * med[base_name]:.4g} ms/step; library / pre-change {ratio:.3f} "
+        f"(median of per-round ratios, 95% interval {lo:.3f}-{hi:.3f}; ratio of "
+        f"medians {of_medians:.3f}); "
+        f"same initial parameters: {'yes' if same_init else 'NO'}; first-epoch "
+        f"losses differ by at most {loss_diff:.3g}"
+    )
+    results.setdefault(name, {})["baseline"] = {
+        "rev": baseline.rev,
+        "rounds": rounds,
+        "ratio": ratio,
+        "interval": (lo, hi),
+        "ratio_of_medians": of_medians,
+        "library_s": med[lib_name],
+        "baseline_s": med[base_name],
+        "same_init": same_init,
+        "loss_diff": loss_diff,
+    }
+    t, B = med[base_name], wl.batch
+    roof_s = results[name].get("roofline_s", float("nan"))
+    flops = results[name].get("flops", step_flops(wl.sizes, B))
+    return [
+        Row(
+            name,
+            "-".join(map(str, wl.sizes)),
+            B,
+            "baseline",
+            base_name,
+            1e3 * t,
+            B / t,
+            paired_ratio(per_step[base_name], per_step[lib_name]),
+            roof_s / t,
+            flops / t / 1e9,
+        )
+    ]
 
 
 # -------------------------------------------------------------------- peers
@@ -854,13 +1192,13 @@ def memory_section(workloads: dict[str, Workload], epochs: int) -> list[dict]:
         cfg = config(wl.batch, "hand").step_part()
         state, base = fresh_state(params), jax.random.key(SEED)
         marks = {}
-        cache_before = train._run_epoch_jit._cache_size()
+        cache_before = train.run_epoch_jit._cache_size()
         for epoch in range(1, epochs + 1):
             key = train.epoch_key(base, epoch)
-            state, losses, ok = train._run_epoch_jit(net, cfg, None, state, X, Y, key)
+            state, losses, ok = train.run_epoch_jit(net, cfg, None, state, X, Y, key)
             block(state)
             if epoch == 1:
-                cache_first = train._run_epoch_jit._cache_size()
+                cache_first = train.run_epoch_jit._cache_size()
             if epoch in (5, MEMORY_MID, epochs):
                 del losses  # hold only what a training loop holds: the state
                 marks[epoch] = _memory_mark()
@@ -869,7 +1207,7 @@ def memory_section(workloads: dict[str, Workload], epochs: int) -> list[dict]:
             "epochs": epochs,
             "cache_before": cache_before,
             "cache_after_first": cache_first,
-            "cache_after_last": train._run_epoch_jit._cache_size(),
+            "cache_after_last": train.run_epoch_jit._cache_size(),
             "marks": marks,
             "finite": bool(ok),
         }
@@ -963,6 +1301,24 @@ def targets(results: dict, compile_med: dict | None, memory: list[dict]) -> list
                 "(abstractions cost nothing)",
                 v,
                 v <= 1.05,
+            )
+        if "baseline" in res:
+            bl = res["baseline"]
+            check(
+                f"{name}: library hand epoch / pre-change ({bl['rev']}) hand epoch "
+                f"<= {BASELINE_MAX:.2f}",
+                bl["ratio"],
+                bl["ratio"] <= BASELINE_MAX,
+            )
+        elif "baseline_skipped" in res:
+            rev, why = res["baseline_skipped"]
+            out.append(
+                (
+                    f"{name}: library hand epoch / pre-change ({rev}) hand epoch "
+                    f"<= {BASELINE_MAX:.2f}",
+                    f"baseline skipped: {why}",
+                    "n/a",
+                )
             )
         if name in ROOFLINE_MIN:
             v = res["roofline_s"] / hand
@@ -1076,6 +1432,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--memory", action="store_true", help="only the memory section")
     parser.add_argument(
+        "--baseline-rev",
+        default=BASELINE_REV,
+        metavar="REV",
+        help="git revision of the pre-change fnnet to time the hand epoch against "
+        f"(default {BASELINE_REV})",
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the pre-change baseline"
+    )
+    parser.add_argument(
         "--update-readme",
         action="store_true",
         help="also write the table into README.md's benchmark-table block",
@@ -1100,7 +1466,7 @@ def main(argv: list[str] | None = None) -> int:
     mem_names = MEMORY_WORKLOADS[:1] if args.quick else MEMORY_WORKLOADS
     mem_wl = {n: wl for n, wl in workloads.items() if n in mem_names}
     epochs = QUICK_MEMORY_EPOCHS if args.quick else MEMORY_EPOCHS
-    print(f"\n== memory: {epochs} epochs through fnnet.train._run_epoch_jit")
+    print(f"\n== memory: {epochs} epochs through fnnet.train.run_epoch_jit")
     memory = memory_section(mem_wl, epochs)
     if args.memory:
         return 0
@@ -1128,10 +1494,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(peak_line)
 
+    print(f"\n== pre-change baseline: fnnet at {args.baseline_rev}")
+    baseline, skipped = None, None
+    if args.no_baseline:
+        skipped = "--no-baseline"
+    elif not set(workloads) & set(BASELINE_WORKLOADS):
+        skipped = f"none of the workloads {', '.join(BASELINE_WORKLOADS)} selected"
+    else:
+        try:
+            baseline = load_baseline(args.baseline_rev)
+        except RuntimeError as e:
+            skipped = str(e)
+    if baseline is not None:
+        print(f"   {baseline.how}")
+    else:
+        print(f"baseline skipped: {skipped}")
+    baseline_rounds = (
+        {n: QUICK_BASELINE_ROUNDS for n in BASELINE_WORKLOADS}
+        if args.quick
+        else BASELINE_ROUNDS
+    )
+
     rows: list[Row] = []
     results: dict = {}
     for name, wl in workloads.items():
         rows += run_workload(name, wl, peers, results)
+        if name not in BASELINE_WORKLOADS:
+            continue
+        if baseline is not None:
+            rows += baseline_section(name, wl, baseline, baseline_rounds[name], results)
+        else:
+            results[name]["baseline_skipped"] = (args.baseline_rev, skipped)
     rows += compile_rows
 
     print("\n" + table(rows))
@@ -1143,6 +1536,26 @@ def main(argv: list[str] | None = None) -> int:
     notes = [peak_line, load_line(load_start)] + [
         f"{name}: FLOPs per step {res['flops']:.4g}" for name, res in results.items()
     ]
+    if baseline is not None:
+        notes.append(f"pre-change baseline: {baseline.how}")
+    elif skipped:
+        notes.append(f"baseline skipped: {skipped}")
+    for name, res in results.items():
+        bl = res.get("baseline")
+        if bl:
+            notes.append(
+                f"{name}: pre-change ({bl['rev']}) hand epoch timed in alternation "
+                f"with the library's ({bl['rounds']} rounds of one epoch, order "
+                "swapped every round; its `x hand epoch` is against that "
+                "alternation): library "
+                f"{1e3 * bl['library_s']:.4g} ms/step, pre-change "
+                f"{1e3 * bl['baseline_s']:.4g} ms/step, library / pre-change "
+                f"{bl['ratio']:.3f} (median of per-round ratios, 95% interval "
+                f"{bl['interval'][0]:.3f}-{bl['interval'][1]:.3f}; ratio of medians "
+                f"{bl['ratio_of_medians']:.3f}); same initial parameters: "
+                f"{'yes' if bl['same_init'] else 'no'}; first-epoch losses differ "
+                f"by at most {bl['loss_diff']:.3g}"
+            )
     for name, res in results.items():
         med = res["median"]
         one = f"ensemble K={ENSEMBLE_K}, one call (vmap)"

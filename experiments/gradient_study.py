@@ -32,8 +32,9 @@ import numpy as np
 
 from experiments.report import write_csv
 from fnnet.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
+from fnnet.core import forward_cache
 from fnnet.gradcheck import DEFAULT_EPS, relative_error
-from fnnet.network import MLP, forward_cache
+from fnnet.network import MLP
 
 # --- the grid ---------------------------------------------------------------
 ACTS = HIDDEN_ACTIVATIONS  # the 8 hidden activations
@@ -209,7 +210,7 @@ def diagnose(rows):
     zeros = 0
     for r in nets.values():
         net, params, x, y = rebuild(r)
-        a_list, _ = forward_cache(net, params, jnp.asarray(x))
+        a_list = forward_cache(net, params, jnp.asarray(x)).a
         zeros += any(bool(jnp.any(a == 0)) for a in a_list[:-1])
     d["bad64_rows"], d["bad64_nets"], d["bad64_zero_nets"] = (
         len(bad64),
@@ -288,7 +289,7 @@ def saturation_rows(scales, progress, acts=("sigmoid", "tanh")):
         k_init, k_data = jax.random.split(jax.random.key(SEED + 2))
         params = net.init(k_init, dtype)
         x, y = data(k_data, 2, "mse", dtype, scale=scale)
-        a_list, _ = forward_cache(net, params, x)
+        a_list = forward_cache(net, params, x).a
         h_prime = ACTIVATIONS[act].h_prime(a_list[0])
         with jax.disable_jit():
             res = compare(net, params, x, y, DEFAULT_EPS[dtype], SEED + 2)

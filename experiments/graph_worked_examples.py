@@ -1,14 +1,14 @@
-"""Seed 003's two worked examples as computational graphs, differentiated.
+"""The two worked examples of docs/derivation.md#worked-examples, differentiated.
 
 Builds with fnnet.graph:
   1. linear regression, L = (wᵀx − y)², with w = (0.65, 1.19) (the first row of
-     the seed's W; the seed gives no numbers for this example), x = (0.2, 0.7)
-     and y = 1;
-  2. softmax regression with cross-entropy, with the seed's numbers
+     example 2's W), x = (0.2, 0.7) and y = 1;
+  2. softmax regression with cross-entropy, with
      W = [[0.65, 1.19], [0.69, −0.92]], x = (0.2, 0.7), b = 0, y = (1, 0),
-and prints every node's value and derivative dL/dnode, writes the DOT files
-(and images, when Graphviz `dot` is installed) and a Markdown copy of the tables
-to experiments/results/graph/, and checks the seed's dL/db_1 = yhat_1 − y_1.
+and prints every node's value and derivative dL/dnode (reverse mode,
+docs/derivation.md eq. 22), writes the DOT files (and images, when Graphviz
+`dot` is installed) and a Markdown copy of the tables to
+experiments/results/graph/, and checks dL/db_1 = yhat_1 − y_1 (eq. 7).
 
 Run from the repository root: python experiments/graph_worked_examples.py
 """
@@ -47,9 +47,10 @@ def report(title, nodes, out_dir):
 def main():
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     sections = [
-        "# Seed 003 worked examples: values and derivatives dL/dnode\n\n"
+        "# Worked examples: values and derivatives dL/dnode\n\n"
         "Written by experiments/graph_worked_examples.py; node numbers are the "
-        "topological order, `parents` lists the parents' numbers.\n"
+        "topological order, `parents` lists the parents' numbers. The examples "
+        "are worked through in docs/derivation.md#worked-examples.\n"
     ]
 
     nodes = graph.linear_regression(LINREG_W, LINREG_X, LINREG_Y)

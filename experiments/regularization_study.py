@@ -2,11 +2,12 @@
 
 A network large enough to overfit (two hidden layers of 512 ReLU units) is
 trained with Adam on a small subset of the training split of digits and
-breast_cancer, four ways: no regularization, L2 (J + alpha/2 ||W||^2),
-dropout (keep probability p) and early stopping (patience on the validation
-loss). The first three are evaluated with their LAST parameters (fnnet.train.fit
-returns the best-validation parameters whenever a validation set is given, which
-is itself early stopping, so this study takes ``result.state.params``); early
+breast_cancer, four ways: no regularization, L2 (J + alpha/2 ||W||^2,
+docs/derivation.md eq. 17), dropout (keep probability p, eq. 20) and early
+stopping (patience on the validation loss, docs/derivation.md#training). The
+first three are evaluated with their LAST parameters (fnnet.train.fit returns
+the best-validation parameters whenever a validation set is given, which is
+itself early stopping, so this study takes ``result.state.params``); early
 stopping uses the best-validation parameters. Test metrics over several seeds
 (seed drives the split, subset, init, shuffling and dropout).
 

@@ -1,14 +1,23 @@
 """fnnet: multi-layer perceptrons in JAX with a hand-written backward pass.
 
-The backward pass follows the textbook derivation (``DERIVATION.md``, seed 000
-notation: W is out x in) and is checked against ``jax.grad`` and finite
-differences; see :class:`MLP` and :func:`gradcheck`.
+The backward pass follows the derivation in ``docs/derivation.md`` (column
+vectors, W is out x in) and is checked against ``jax.grad`` and finite
+differences; see :class:`MLP` and :func:`gradcheck`. Users extend it with
+their own :class:`Activation`, :class:`Loss` and :class:`Block`, each
+checked by :func:`verify`.
+
+Layout, in the order data flows: ``data`` -> the functional core
+(``activations``, ``losses``, ``blocks``, ``backward``, ``core``) -> the
+checked front (``network.MLP``) -> ``train``, ``ensemble``, ``gradcheck``,
+``verify`` -> ``cli`` and ``experiments/``.
 """
 
-from fnnet.activations import ACTIVATIONS, ELU_ALPHA, LEAKY_SLOPE
+from fnnet.activations import ACTIVATIONS, ELU_ALPHA, LEAKY_SLOPE, Activation
+from fnnet.blocks import Block
 from fnnet.gradcheck import GradcheckReport, gradcheck, relative_error
-from fnnet.losses import LOSSES
+from fnnet.losses import LOSSES, Loss
 from fnnet.network import MLP
+from fnnet.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -18,7 +27,12 @@ __all__ = [
     "LEAKY_SLOPE",
     "LOSSES",
     "MLP",
+    "Activation",
+    "Block",
     "GradcheckReport",
+    "Loss",
+    "VerifyReport",
     "gradcheck",
     "relative_error",
+    "verify",
 ]

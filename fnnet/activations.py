@@ -1,7 +1,7 @@
 """Activation functions h and their derivatives h', side by side.
 
-Both members of a pair are functions of the pre-activation ``a`` (DERIVATION,
-"Activations and derivatives"), not of the output ``z = h(a)``: GELU's
+Both members of a pair are functions of the pre-activation ``a``
+(docs/derivation.md#activations), not of the output ``z = h(a)``: GELU's
 derivative cannot be recovered from its output, and for sigmoid and tanh the
 forms written in ``a`` avoid the cancellation in ``1 - z``.
 
@@ -18,13 +18,19 @@ used here too. Conventions at the kinks follow ``jax.nn``:
 
 Softmax is an output-only activation: its Jacobian is not diagonal, so it has
 no elementwise ``h'``; its backward rule lives in :mod:`fnnet.losses`.
+
+An :class:`Activation` is also a block (docs/derivation.md#blocks, eq. 16): its
+``forward`` returns ``(h(a), a)`` and its ``backward`` returns
+``(None, h'(a) * dz)``. Users bring their own as ``Activation(name, h, h_prime)``
+and pass it wherever a name is accepted; :func:`fnnet.verify` checks ``h_prime``
+against ``jax.grad`` and finite differences.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +47,55 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-class Activation(NamedTuple):
-    """An elementwise activation: ``h`` and its derivative ``h_prime``, both of a."""
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """An elementwise activation: ``h`` and its derivative ``h_prime``, both of a.
+
+    Args:
+      name: a short name, used in messages, checkpoints and reports.
+      h: the activation, applied elementwise to an array of any shape.
+      h_prime: its hand-derived derivative h'(a), elementwise, same shape.
+
+    Frozen and hashable (the functions compare by identity), so a network
+    holding it can be a static argument of ``jax.jit``. Define ``h`` and
+    ``h_prime`` once, at module level, and reuse the same objects.
+
+    Example::
+
+        swish = fnnet.Activation(
+            "swish",
+            lambda a: a * jax.nn.sigmoid(a),
+            lambda a: jax.nn.sigmoid(a) * (1 + a * jax.nn.sigmoid(-a)),
+        )
+        net = fnnet.MLP((4, 16, 1), activation=swish)
+    """
 
     name: str
     h: Callable[[Array], Array]
     h_prime: Callable[[Array], Array]
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(
+                f"Activation name must be a non-empty str, got {self.name!r}"
+            )
+        for field in ("h", "h_prime"):
+            if not callable(getattr(self, field)):
+                raise TypeError(
+                    f"Activation {self.name!r}: {field} must be callable, got "
+                    f"{getattr(self, field)!r}"
+                )
+
+    #: An activation has no parameters.
+    init = None
+
+    def forward(self, params, a: Array):
+        """The block's forward: ``(h(a), cache = a)``; ``params`` is unused."""
+        return self.h(a), a
+
+    def backward(self, params, a: Array, dz: Array):
+        """The block's backward (eq. 16): ``(None, h'(a) * dz)``."""
+        return None, self.h_prime(a) * dz
 
 
 def identity(a: Array) -> Array:
@@ -181,6 +230,43 @@ def softmax(a: Array) -> Array:
     return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
-def output_fn(name: str) -> Callable[[Array], Array]:
-    """The function ``h^(L)`` of an output activation name."""
-    return softmax if name == "softmax" else ACTIVATIONS[name].h
+def output_fn(output: str | Activation) -> Callable[[Array], Array]:
+    """The function ``h^(L)`` of an output activation (a name or an Activation)."""
+    if isinstance(output, Activation):
+        return output.h
+    return softmax if output == "softmax" else ACTIVATIONS[output].h
+
+
+def get(spec: str | Activation, *, output: bool = False) -> Activation | str:
+    """The :class:`Activation` a name or object stands for.
+
+    Args:
+      spec: a built-in name (see ``HIDDEN_ACTIVATIONS``) or an ``Activation``.
+      output: allow ``"softmax"`` (returned as the string: it is not elementwise).
+
+    Raises:
+      ValueError: for an unknown name, listing the supported ones.
+      TypeError: for anything that is neither a name nor an ``Activation``.
+    """
+    if isinstance(spec, Activation):
+        return spec
+    role = "output" if output else "activation"
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"{role} must be a name or an fnnet.Activation, got {type(spec).__name__} "
+            f"{spec!r}"
+        )
+    if output and spec == "softmax":
+        return spec
+    if spec not in ACTIVATIONS:
+        names = OUTPUT_ACTIVATIONS if output else HIDDEN_ACTIVATIONS
+        raise ValueError(
+            f"{role} {spec!r} is not supported; choose one of {names} or pass an "
+            "fnnet.Activation(name, h, h_prime)"
+        )
+    return ACTIVATIONS[spec]
+
+
+def name_of(spec) -> str:
+    """The name of an activation, loss or block given by name or object."""
+    return spec if isinstance(spec, str) else spec.name

@@ -1,17 +1,29 @@
-"""The hand-written backward pass: the delta recursion of DERIVATION eqs. 9-14.
+"""The hand-written backward pass: the delta recursion, block by block.
 
-Nothing here calls JAX's automatic differentiation: every derivative is one of
-the formulas below, evaluated with plain array operations.
+See docs/derivation.md#delta-recursion (eqs. 8-11), #matrix-form (eqs. 12-14)
+and #blocks (eqs. 15, 16). Nothing here calls JAX's automatic
+differentiation: every derivative is one of the formulas below, evaluated with
+plain array operations.
 
-The same code runs on one example (Algorithm 1 of seed 000: column vectors,
-outer products) and on a mini-batch (seed 001's matrix form: one row per
-example, one matrix product per layer). Only the two lines that differ are
-written twice, in :func:`weight_grad` and :func:`bias_grad`.
+A layer of the network is three blocks in a row: the affine block
+``a = W z + b`` (eq. 1), the layer's activation block ``z = h(a)`` (eq. 2, or a
+user's block), and, in training, a dropout block (eq. 20). Going backwards
+through them,
+
+    dz^(l)    = W^(l+1)^T delta^(l+1)        affine block's input gradient (eq. 15)
+    dz^(l)   *= m^(l) / p                    dropout block (eq. 21)
+    delta^(l) = h'(a^(l)) * dz^(l)           activation block (eq. 16)
+
+which is eq. 8. The same code runs on one example (column vectors, outer
+products) and on a mini-batch (one row per example, one matrix product per
+layer); only the two lines that differ are written twice, in
+:func:`weight_grad` and :func:`bias_grad`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,44 +31,13 @@ import jax.numpy as jnp
 from fnnet.types import Array, Grads, Params
 
 
-def hidden_delta(
-    W_next: Array,
-    delta_next: Array,
-    a: Array,
-    h_prime: Callable[[Array], Array],
-    mask: Array | None = None,
-) -> Array:
-    """Error signal of hidden layer l (DERIVATION eq. 9).
-
-    delta^(l) = h'(a^(l)) * (W^(l+1)^T delta^(l+1))
-
-    With inverted dropout on layer l the forward used z~ = z * m / p, so the
-    same scaled mask multiplies the back-propagated signal:
-    dL/dz^(l) = (m / p) * (W^(l+1)^T delta^(l+1)).
-
-    Args:
-      W_next: (M_{l+1}, M_l) weights of layer l+1.
-      delta_next: (M_{l+1},) error signal of layer l+1, or (N, M_{l+1}) rows.
-      a: (M_l,) or (N, M_l) pre-activation of layer l.
-      h_prime: h'^(l), applied elementwise (never as a diagonal matrix).
-      mask: optional (M_l,) or (N, M_l) dropout mask already divided by p.
-
-    Returns:
-      delta^(l), shaped like ``a``.
-    """
-    back = propagate(W_next, delta_next)
-    if mask is not None:
-        back = back * mask
-    return h_prime(a) * back
-
-
 def propagate(W: Array, delta: Array) -> Array:
-    """W^T delta for one example; Delta W for rows (the same product)."""
+    """W^T delta for one example; Delta W for rows (the same product, eq. 11)."""
     return delta @ W
 
 
 def weight_grad(delta: Array, z_prev: Array) -> Array:
-    """dL/dW^(l) = delta^(l) z^(l-1)^T (eqs. 10, 13); Delta^T Z summed over rows."""
+    """dL/dW^(l) = delta^(l) z^(l-1)^T (eq. 9); Delta^T Z summed over rows (eq. 14)."""
     if delta.ndim == 1:
         return jnp.outer(delta, z_prev)
     return jax.lax.platform_dependent(
@@ -78,49 +59,73 @@ def _transposed_then_product(delta: Array, z_prev: Array) -> Array:
 
 
 def bias_grad(delta: Array) -> Array:
-    """dL/db^(l) = delta^(l) (eqs. 11, 14); summed over rows for a batch."""
+    """dL/db^(l) = delta^(l) (eq. 10); summed over rows for a batch (eq. 14)."""
     if delta.ndim == 1:
         return delta
     return jnp.sum(delta, axis=0)
 
 
-def backward(
-    params: Params,
-    a_list: Sequence[Array],
-    z_list: Sequence[Array],
-    delta_L: Array,
-    h_primes: Sequence[Callable[[Array], Array]],
-    masks: Sequence[Array] | None = None,
-    input_grad: bool = False,
-) -> tuple[Grads, Array | None]:
-    """Back-propagate delta^(L) through every layer (seed 000, Algorithm 1).
+def affine_backward(layer, z_prev: Array, delta: Array, need_dx: bool = True):
+    """The affine block's backward (eq. 15): ({"W": dW, "b": db}, W^T delta).
 
     Args:
-      params: per layer {"W": (M_l, M_{l-1}), "b": (M_l,)}, l = 1..L.
-      a_list: pre-activations a^(1..L) cached by the forward pass.
-      z_list: layer outputs z^(0..L) cached by the forward pass; z^(0) = x.
-        Hidden outputs are the ones the next layer consumed (after dropout).
-      delta_L: output error signal delta^(L) (eq. 12), already divided by N
-        when rows are a batch whose cost is the mean.
-      h_primes: h'^(1..L-1) of the hidden layers.
-      masks: optional scaled dropout masks of the hidden layers 1..L-1.
-      input_grad: also return dL/dx = W^(1)^T delta^(1) (seed 004: "dX is the
-        dY of the previous layer").
+      layer: {"W": (M_l, M_{l-1}), "b": (M_l,), ...}; only W is read.
+      z_prev: the block's cached input z^(l-1), (M_{l-1},) or (N, M_{l-1}).
+      delta: the upstream gradient dL/da^(l), shaped like a^(l).
+      need_dx: compute the input gradient (False for the first layer, when
+        nobody asked for dL/dx).
+    """
+    grads = {"W": weight_grad(delta, z_prev), "b": bias_grad(delta)}
+    return grads, propagate(layer["W"], delta) if need_dx else None
+
+
+def dropout_backward(mask: Array, cache: Any, dz: Array):
+    """The dropout block's backward (eq. 21): (None, (m / p) * dz), same mask."""
+    return None, dz * mask
+
+
+def backward(
+    params: Params,
+    trace,
+    delta_L: Array,
+    hidden: Sequence,
+    input_grad: bool = False,
+) -> tuple[Grads, Array | None]:
+    """Back-propagate delta^(L) through every layer's blocks, last to first.
+
+    Args:
+      params: per layer {"W": (M_l, M_{l-1}), "b": (M_l,)}, l = 1..L, plus
+        the parameters of a hidden block under its name.
+      trace: the forward pass's :class:`fnnet.core.Trace`: ``z`` holds the
+        inputs of the affine blocks z^(0..L-1) (after dropout), ``caches`` the
+        hidden blocks' caches and ``masks`` the scaled dropout masks or None.
+      delta_L: output error signal delta^(L) (eqs. 5-7), already divided by N
+        when rows are a batch whose cost is the mean (eq. 13).
+      hidden: the hidden layers' blocks (Activations or user blocks).
+      input_grad: also return dL/dx = W^(1)^T delta^(1) (eq. 11).
 
     Returns:
       ``(grads, dx)``: grads with the structure of ``params``; dx is None
       unless ``input_grad``.
     """
     L = len(params)
-    grads: list[dict[str, Array]] = [{}] * L
+    grads: list[dict[str, Array]] = [{} for _ in range(L)]
     delta = delta_L
-    for l in reversed(range(L)):  # layer l + 1 of the notes
-        grads[l] = {"W": weight_grad(delta, z_list[l]), "b": bias_grad(delta)}
-        if l > 0:
-            mask = None if masks is None else masks[l - 1]
-            delta = hidden_delta(
-                params[l]["W"], delta, a_list[l - 1], h_primes[l - 1], mask
-            )
-    dx = propagate(params[0]["W"], delta) if input_grad else None
+    dx = None
+    for l in reversed(range(L)):  # layer l + 1 in the derivation's numbering
+        layer_grads, dz = affine_backward(
+            params[l], trace.z[l], delta, need_dx=l > 0 or input_grad
+        )
+        grads[l].update(layer_grads)
+        if l == 0:
+            dx = dz
+            break
+        if trace.masks is not None:
+            dz = dropout_backward(trace.masks[l - 1], None, dz)[1]
+        block = hidden[l - 1]
+        block_params = params[l - 1].get(block.name) if block.init else None
+        d_block, delta = block.backward(block_params, trace.caches[l - 1], dz)
+        if block.init:
+            grads[l - 1][block.name] = d_block
     # Same containers as params (tuple or list of dicts), for custom_vjp and optax.
     return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads)), dx

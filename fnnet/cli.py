@@ -4,6 +4,14 @@ With no flags ``fnnet train`` trains a 64-128-10 ReLU network on
 scikit-learn's bundled digits in a few seconds and writes its results to
 ``runs/``; ``fnnet gradcheck`` prints hand vs automatic vs finite-difference
 gradient errors per layer. ``--help`` documents every flag.
+
+``--activation``, ``--output`` and ``--loss`` also take an import spec
+``package.module:attribute`` naming a user's :class:`fnnet.Activation` (or
+:class:`fnnet.Block`, for hidden layers) or :class:`fnnet.Loss`; the current
+directory is importable. The run's config.json keeps the spec, so ``--resume``
+imports the same object again. ``fnnet train --check-every K`` verifies the
+hand gradient against ``jax.grad`` every K epochs (see :func:`fnnet.train.fit`)
+and writes the errors to history.csv and their maximum to metrics.json.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib
 import json
 import os
 import sys
@@ -23,10 +32,20 @@ import numpy as np
 
 from fnnet import checkpoint as ckpt
 from fnnet import data as fdata
-from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
-from fnnet.losses import LOSSES
+from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, Activation
+from fnnet.blocks import Block
+from fnnet.losses import LOSSES, Loss
 from fnnet.network import MLP
-from fnnet.train import GRADS, OPTIMIZERS, TrainConfig, evaluate, fit, metric_name
+from fnnet.train import (
+    GRADS,
+    OPTIMIZERS,
+    TrainConfig,
+    evaluate,
+    fit,
+    grad_check_columns,
+    grad_check_summary,
+    metric_name,
+)
 
 CONFIG_FILE = "config.json"
 DEFAULT_EPOCHS = 200
@@ -35,6 +54,27 @@ CHECKPOINT_FILE = "checkpoint.npz"
 # Exit codes: 0 success, 2 bad usage or bad input (argparse's convention),
 # 3 training stopped on a non-finite loss.
 EXIT_USAGE, EXIT_NON_FINITE = 2, 3
+
+#: What an import spec may name, per flag.
+SPEC_KINDS = {
+    "--activation": ((Activation, Block), "an fnnet.Activation or fnnet.Block"),
+    "--output": ((Activation,), "an fnnet.Activation"),
+    "--loss": ((Loss,), "an fnnet.Loss"),
+}
+SPEC_HELP = " or an import spec package.module:attribute naming "
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive int, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,21 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation",
         default="relu",
         help="hidden activation, or a comma list with one per hidden layer; "
-        f"one of {', '.join(HIDDEN_ACTIVATIONS)}",
+        f"one of {', '.join(HIDDEN_ACTIVATIONS)}{SPEC_HELP}"
+        f"{SPEC_KINDS['--activation'][1]}",
     )
     g.add_argument(
         "--output",
-        choices=OUTPUT_ACTIVATIONS,
         default=None,
-        help="output activation (default: softmax for classification, sigmoid "
-        "with --loss bce, identity for regression)",
+        help=f"output activation: one of {', '.join(OUTPUT_ACTIVATIONS)}{SPEC_HELP}"
+        f"{SPEC_KINDS['--output'][1]} (default: softmax for classification, "
+        "sigmoid with --loss bce, identity for regression)",
     )
     g.add_argument(
         "--loss",
-        choices=LOSSES,
         default=None,
-        help="per-example loss (default: cross_entropy for classification, mse "
-        "for regression; bce for two classes with one sigmoid output)",
+        help=f"per-example loss: one of {', '.join(LOSSES)}{SPEC_HELP}"
+        f"{SPEC_KINDS['--loss'][1]} (default: cross_entropy for classification, "
+        "mse for regression; bce for two classes with one sigmoid output; a "
+        "user's loss needs a regression task)",
     )
     g.add_argument(
         "--dtype", choices=("float32", "float64"), default="float32", help="precision"
@@ -158,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    g = p.add_argument_group("verification")
+    g.add_argument(
+        "--check-every",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="every K epochs compare the hand gradient with jax.grad on the first "
+        "256 training rows (evaluation mode: no dropout, noise or L2); per-layer "
+        "relative errors go to history.csv, their maximum to metrics.json; "
+        "with --resume it may be set anew (None: off)",
+    )
+
     c = sub.add_parser(
         "gradcheck",
         help="compare hand-written, jax.grad and finite-difference gradients",
@@ -169,9 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument("--sizes", default="64,32,10", help="layer widths M0,...,ML")
-    c.add_argument("--activation", default="tanh", help="hidden activation(s)")
-    c.add_argument("--output", choices=OUTPUT_ACTIVATIONS, default="softmax")
-    c.add_argument("--loss", choices=LOSSES, default="cross_entropy")
+    c.add_argument(
+        "--activation",
+        default="tanh",
+        help="hidden activation(s): names or package.module:attribute specs",
+    )
+    c.add_argument(
+        "--output",
+        default="softmax",
+        help=f"one of {', '.join(OUTPUT_ACTIVATIONS)}, or a package.module:attribute "
+        "spec",
+    )
+    c.add_argument(
+        "--loss",
+        default="cross_entropy",
+        help=f"one of {', '.join(LOSSES)}, or a package.module:attribute spec",
+    )
     c.add_argument("--batch", type=int, default=16, help="examples in the batch")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     c.add_argument("--seed", type=int, default=0, help="seed for params and data")
@@ -198,13 +265,8 @@ def _run_gradcheck(args) -> int:
     from fnnet.gradcheck import gradcheck
 
     sizes = tuple(int(m) for m in args.sizes.split(","))
-    act = args.activation
-    net = MLP(
-        sizes=sizes,
-        activation=tuple(act.split(",")) if "," in act else act,
-        output=args.output,
-        loss=args.loss,
-    )
+    activation, output, loss = _extensions(args.activation, args.output, args.loss)
+    net = MLP(sizes=sizes, activation=activation, output=output, loss=loss)
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     k_params, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
@@ -227,6 +289,9 @@ def _settings(args) -> dict:
         saved = json.loads((Path(args.resume) / CONFIG_FILE).read_text())
         if args.epochs is not None:
             saved["epochs"] = args.epochs
+        saved.setdefault("check_every", None)  # a config from before the flag
+        if args.check_every is not None:
+            saved["check_every"] = args.check_every
         saved["quiet"] = args.quiet
         return saved
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
@@ -267,6 +332,7 @@ def _precision(dtype: str):
 
 
 def _run_training(s: dict, out: Path, resume: bool) -> int:
+    extensions = _extensions(s["activation"], s["output"], s["loss"])
     task = None if s["task"] == "auto" else s["task"]
     ds = fdata.load_dataset(
         s["data"],
@@ -276,7 +342,7 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
         test_fraction=s["test_fraction"],
         seed=s["seed"],
     )
-    net, y_tr, y_va, y_te = _network(s, ds)
+    net, y_tr, y_va, y_te = _network(s, ds, *extensions)
     config = TrainConfig(
         epochs=s["epochs"],
         batch_size=s["batch_size"],
@@ -303,10 +369,13 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
     if resume and bar is not None:
         bar.update(ckpt.load_meta(out / CHECKPOINT_FILE)["epoch"])
 
+    grad_columns = grad_check_columns(net)
+
     def on_epoch(rec):
         if bar is not None:
             bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "epoch"})
+            shown = {k: v for k, v in rec.items() if k not in grad_columns[:-1]}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k != "epoch"})
 
     result = fit(
         net,
@@ -318,6 +387,8 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
         resume=resume,
         on_epoch=on_epoch,
         devices=s.get("devices"),
+        check_every=s["check_every"],
+        checkpoint_info={"settings": s},
     )
     if bar is not None:
         bar.close()
@@ -336,8 +407,14 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
     if result.history:
         last_best = result.history[result.best_epoch - 1]
         metrics.update({k: v for k, v in last_best.items() if k.startswith("val_")})
+    checked = s["check_every"] is not None or any(
+        grad_columns[-1] in r for r in result.history
+    )
+    if checked:
+        metrics.update(grad_check_summary(result.history))
     _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_history(out / "history.csv", result.history)
+    columns = _history_columns(result.history, metric, grad_columns if checked else [])
+    _write_history(out / "history.csv", result.history, columns)
     _plot(out / "loss_curve.png", result.history, s["data"])
     summary = f"test_{metric}={metrics[f'test_{metric}']:.4f}"
     print(
@@ -359,10 +436,90 @@ def _target(value):
         return value
 
 
-def _network(s: dict, ds):
-    """The MLP for the settings and data set, and the targets in its format."""
-    loss = s["loss"] or ("cross_entropy" if ds.task == "classification" else "mse")
-    output = s["output"] or {"cross_entropy": "softmax", "bce": "sigmoid"}.get(
+def _is_spec(value) -> bool:
+    return isinstance(value, str) and ":" in value
+
+
+def _import_spec(flag: str, spec: str):
+    """The object an import spec ``package.module:attribute`` names, checked.
+
+    The current directory is importable (put first on ``sys.path`` when it is
+    not there). Errors are ValueErrors that name the flag and the spec.
+    """
+    module_name, _, attr = spec.partition(":")
+    kinds, what = SPEC_KINDS[flag]
+    if not module_name or not attr:
+        raise ValueError(
+            f"{flag} {spec!r}: an import spec is package.module:attribute, naming "
+            f"{what}"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"{flag} {spec!r}: cannot import module {module_name!r} ({err})"
+        ) from err
+    except Exception as err:  # the user's module failed while it was imported
+        raise ValueError(
+            f"{flag} {spec!r}: importing module {module_name!r} failed: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(
+                f"{flag} {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            )
+        obj = getattr(obj, part)
+    if not isinstance(obj, kinds):
+        raise ValueError(
+            f"{flag} {spec!r}: {attr} is of type {type(obj).__name__}, not {what}"
+        )
+    return obj
+
+
+def _extensions(activation: str, output: str | None, loss: str | None):
+    """The --activation, --output and --loss values with import specs resolved.
+
+    Built-in names pass through (the network checks them); an unknown output
+    or loss name is rejected here, naming its flag.
+    """
+    acts = tuple(
+        _import_spec("--activation", a) if _is_spec(a) else a
+        for a in activation.split(",")
+    )
+    resolved = [acts if len(acts) > 1 else acts[0]]
+    for flag, value, names in (
+        ("--output", output, OUTPUT_ACTIVATIONS),
+        ("--loss", loss, LOSSES),
+    ):
+        if _is_spec(value):
+            value = _import_spec(flag, value)
+        elif value is not None and value not in names:
+            raise ValueError(
+                f"{flag} {value!r} is not supported; choose one of "
+                f"{', '.join(names)} or give an import spec package.module:attribute"
+            )
+        resolved.append(value)
+    return tuple(resolved)
+
+
+def _network(s: dict, ds, activation, output, loss):
+    """The MLP for the settings and data set, and the targets in its format.
+
+    ``activation``, ``output`` and ``loss`` are the settings' values with
+    import specs resolved (see :func:`_extensions`).
+    """
+    if isinstance(loss, Loss) and ds.task != "regression":
+        raise ValueError(
+            f"--loss {s['loss']!r}: a user's fnnet.Loss takes float targets shaped "
+            f"like the output, so it needs a regression task; {s['data']} is a "
+            "classification task (use --task regression for numeric targets)"
+        )
+    loss = loss or ("cross_entropy" if ds.task == "classification" else "mse")
+    output = output or {"cross_entropy": "softmax", "bce": "sigmoid"}.get(
         loss, "identity"
     )
     ys = (ds.y_train, ds.y_val, ds.y_test)
@@ -379,10 +536,8 @@ def _network(s: dict, ds):
         raise ValueError(
             f"--loss {loss} does not fit classification; use cross_entropy or bce"
         )
-    elif ds.task == "regression" and loss != "mse":
+    elif ds.task == "regression" and loss in ("bce", "cross_entropy"):
         raise ValueError(f"--loss {loss} needs a classification task; use mse")
-    act = s["activation"]
-    activation = tuple(act.split(",")) if "," in act else act
     net = MLP(
         sizes=(ds.num_features, *s["hidden"], n_out),
         activation=activation,
@@ -410,8 +565,23 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for rec in history for k in rec))
+def _history_columns(
+    history: list[dict], metric: str, grad_columns: list[str]
+) -> list[str]:
+    """history.csv's columns in a fixed order, whatever the records' key order.
+
+    (Records read back from a checkpoint have their keys sorted.) The known
+    columns first, then the gradient check's (all of them whenever checks were
+    asked for, empty in epochs without one), then any others.
+    """
+    present = dict.fromkeys(k for rec in history for k in rec)
+    known = ["epoch", "batch_loss", "train_loss", f"train_{metric}"]
+    known += ["val_loss", f"val_{metric}"]
+    columns = [k for k in known if k in present] + list(grad_columns)
+    return columns + [k for k in present if k not in columns]
+
+
+def _write_history(path: Path, history: list[dict], columns: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)

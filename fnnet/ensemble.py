@@ -3,9 +3,9 @@
 K members share the architecture and the training settings and differ in
 their initial parameters and random streams (seeds), and optionally in their
 training data: with ``bootstrap=True`` each member trains on its own
-bootstrap resample of the training set (N rows drawn with replacement; seed
-001 names the bootstrap among the regularizers). The ensemble predicts with
-the average of the members' outputs.
+bootstrap resample of the training set (N rows drawn with replacement; the
+bootstrap is one of the regularizers of docs/derivation.md#regularization).
+The ensemble predicts with the average of the members' outputs.
 
 Every epoch of all K members is ONE call of the vmapped epoch function, so
 the members' matrix products run batched side by side instead of K Python
@@ -21,10 +21,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fnnet.network import MLP, _prepare, forward_cache
+from fnnet import core
+from fnnet.network import MLP
 from fnnet.train import (
     TrainConfig,
-    _evaluate_output,
     epoch_key,
     init_state,
     make_optimizer,
@@ -101,10 +101,8 @@ def fit_many(
     """
     k = _members(params)
     member0 = jax.tree.map(lambda leaf: leaf[0], params)
-    net._check_params(member0)
-    x = net._check_x(train[0])
-    X, Y = _prepare(net, member0, x, net._check_y(train[1], x))
-    member_keys = _member_keys(config.seed, k)
+    X, Y = core.prepare(net, member0, *net.validate(member0, *train, batch=True))
+    member_keys = member_keys_for(config.seed, k)
     if bootstrap:
         X, Y = _resample(member_keys, X, Y)
     optimizer = make_optimizer(config)
@@ -128,7 +126,8 @@ def fit_many(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _member_keys(seed: int, k: int) -> Array:
+def member_keys_for(seed: int, k: int) -> Array:
+    """The (k,) base keys of the members: member i's is ``fold_in(key(seed), i)``."""
     base = jax.random.key(seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(k))
 
@@ -146,8 +145,7 @@ def _resample(member_keys, X, Y):
 def predict(net: MLP, params: Params, x: Array) -> Array:
     """The ensemble's prediction: the mean over members of yhat, shape of one yhat."""
     member0 = jax.tree.map(lambda leaf: leaf[0], params)
-    net._check_params(member0)
-    x = net._check_x(x)
+    x, _ = net.validate(member0, x)
     return jnp.mean(_member_outputs(net, params, x), axis=0)
 
 
@@ -155,16 +153,13 @@ def predict(net: MLP, params: Params, x: Array) -> Array:
 def _member_outputs(net, params, x):
     """yhat of every member, stacked on a leading axis."""
     x = x.astype(params[0]["W"].dtype)
-    return jax.vmap(lambda p: forward_cache(net, p, x)[1][-1])(params)
+    return jax.vmap(lambda p: core.forward(net, p, x))(params)
 
 
 def evaluate(net: MLP, params: Params, x: Array, y: Array) -> dict[str, float]:
     """Each member's metric, and the metric of the averaged prediction."""
     member0 = jax.tree.map(lambda leaf: leaf[0], params)
-    net._check_params(member0)
-    x = net._check_x(x)
-    y = net._check_y(y, x)
-    X, Y = _prepare(net, member0, x, y)
+    X, Y = core.prepare(net, member0, *net.validate(member0, x, y))
     ensemble, members = _scores(net, params, X, Y)
     name = metric_name(net)
     return {
@@ -176,8 +171,8 @@ def evaluate(net: MLP, params: Params, x: Array, y: Array) -> dict[str, float]:
 @functools.partial(jax.jit, static_argnums=0)
 def _scores(net, params, X, Y):
     per_member = _member_outputs(net, params, X)
-    members = jax.vmap(lambda yhat: _evaluate_output(net, yhat, Y))(per_member)
-    return _evaluate_output(net, jnp.mean(per_member, axis=0), Y), members
+    members = jax.vmap(lambda yhat: core.metric(net, yhat, Y))(per_member)
+    return core.metric(net, jnp.mean(per_member, axis=0), Y), members
 
 
 def _members(params: Params) -> int:

@@ -4,11 +4,12 @@ The relative error between two gradients u and v of one leaf is
 
     rel(u, v) = ||u - v||_2 / max(||u||_2, ||v||_2)        (0 when both are 0)
 
+(docs/derivation.md#verification, eq. 23)
 a number in [0, 2] that is scale-free and does not blow up on single entries
 that happen to be near zero.
 
 Finite differences (FD) are central, ``(J(theta + eps e) - J(theta - eps e)) /
-(2 eps)``. For a leaf with at most ``max_fd_coords`` entries every coordinate
+(2 eps)`` (eq. 24). For a leaf with at most ``max_fd_coords`` entries every coordinate
 is perturbed ("full") and the FD gradient is compared whole. For a larger leaf
 the comparison is made in ``directions`` random unit directions v of that leaf:
 the vectors of directional derivatives ``<g, v>`` and their FD estimates are
@@ -26,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnnet.network import MLP, _cost_impl, _masks_for, _prepare, backprop_impl
+from fnnet import core
+from fnnet.network import MLP
 from fnnet.types import Array, Params
 
 #: Default FD step per dtype: about eps_mach^(1/3), balancing truncation and rounding.
@@ -50,8 +52,8 @@ def relative_error(u, v) -> float:
 class LeafCheck:
     """One row of a :class:`GradcheckReport`: one leaf of one layer."""
 
-    layer: int  # 1-based, as l in the notes
-    leaf: str  # "W" or "b"
+    layer: int  # 1-based, as l in docs/derivation.md
+    leaf: str  # "W", "b", or a hidden block's leaf as "name['key']"
     shape: tuple[int, ...]
     norm: float  # ||hand gradient||
     hand_vs_auto: float
@@ -74,8 +76,9 @@ class GradcheckReport:
         return max(values) if values else 0.0
 
     def table(self) -> str:
+        w = max([4, *(len(r.leaf) for r in self.rows)])
         head = (
-            f"{'layer':>5}  {'leaf':<4} {'shape':<14} {'|grad|':>9}  "
+            f"{'layer':>5}  {'leaf':<{w}} {'shape':<14} {'|grad|':>9}  "
             f"{'hand-auto':>9}  {'hand-fd':>9}  {'auto-fd':>9}  fd"
         )
         lines = [
@@ -85,7 +88,7 @@ class GradcheckReport:
         lines += [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
-                f"{r.layer:>5}  {r.leaf:<4} {str(r.shape):<14} {r.norm:9.2e}  "
+                f"{r.layer:>5}  {r.leaf:<{w}} {str(r.shape):<14} {r.norm:9.2e}  "
                 f"{r.hand_vs_auto:9.2e}  {r.hand_vs_fd:9.2e}  "
                 f"{r.auto_vs_fd:9.2e}  {r.fd}"
             )
@@ -129,10 +132,7 @@ def gradcheck(
     Returns:
       A :class:`GradcheckReport` with one row per (layer, leaf).
     """
-    net._check_params(params)
-    x = net._check_x(x)
-    y = net._check_y(y, x)
-    net._check_key(key)
+    x, y = net.validate(params, x, y, key=key)
     dtype = jnp.dtype(params[0]["W"].dtype)
     eps = float(DEFAULT_EPS.get(dtype, 1e-3) if eps is None else eps)
     fd_key = jax.random.key(0) if fd_key is None else fd_key
@@ -141,7 +141,7 @@ def gradcheck(
     )
     rows = []
     for l, layer in enumerate(params):
-        for name in ("W", "b"):
+        for name, leaf in leaves_of(layer):
             g_hand = np.asarray(hand[l][name])
             g_auto = np.asarray(auto[l][name])
             nan = float("nan")
@@ -161,7 +161,7 @@ def gradcheck(
                 LeafCheck(
                     layer=l + 1,
                     leaf=name,
-                    shape=tuple(layer[name].shape),
+                    shape=tuple(leaf.shape),
                     norm=float(np.linalg.norm(g_hand.astype(np.float64))),
                     hand_vs_auto=relative_error(g_hand, g_auto),
                     hand_vs_fd=hand_fd,
@@ -174,22 +174,27 @@ def gradcheck(
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
 def _compare(net, params, x, y, key, fd_key, eps, fd, max_fd_coords, directions):
-    x, y = _prepare(net, params, x, y)
-    masks = _masks_for(net, key, x)
-    J = functools.partial(_cost_impl, net, x=x, y=y, masks=masks)
-    hand = backprop_impl(net, params, x, y, masks).grads
+    x, y = core.prepare(net, params, x, y)
+    masks = core.masks_for(net, key, x)
+    J = functools.partial(core.cost, net, x=x, y=y, masks=masks)
+    hand = core.backprop(net, params, x, y, masks).grads
     auto = jax.grad(lambda p: J(p))(params)
+    flat_hand = [dict(leaves_of(layer)) for layer in hand]
+    flat_auto = [dict(leaves_of(layer)) for layer in auto]
     if not fd:
-        return hand, auto, None
-    keys = iter(jax.random.split(fd_key, 2 * len(params)))
+        return flat_hand, flat_auto, None
+    keys = iter(jax.random.split(fd_key, len(jax.tree.leaves(params))))
     fd_out = []
     for l, layer in enumerate(params):
+        named = leaves_of(layer)
         out = {}
-        for name, leaf in layer.items():
+        for i, (name, leaf) in enumerate(named):
 
-            def J_at(new_leaf, l=l, name=name):
-                p = [dict(d) for d in params]
-                p[l][name] = new_leaf
+            def J_at(new_leaf, l=l, i=i, named=named, layer=layer):
+                leaves = [t for _, t in named]
+                leaves[i] = new_leaf
+                p = list(params)
+                p[l] = jax.tree.unflatten(jax.tree.structure(layer), leaves)
                 return J(tuple(p))
 
             k = next(keys)
@@ -198,11 +203,22 @@ def _compare(net, params, x, y, key, fd_key, eps, fd, max_fd_coords, directions)
             else:
                 V = _unit_directions(k, directions, leaf)
                 est = jax.lax.map(functools.partial(_fd_along, J_at, leaf, eps), V)
-                proj_hand = jnp.tensordot(V, hand[l][name], axes=leaf.ndim)
-                proj_auto = jnp.tensordot(V, auto[l][name], axes=leaf.ndim)
+                proj_hand = jnp.tensordot(V, flat_hand[l][name], axes=leaf.ndim)
+                proj_auto = jnp.tensordot(V, flat_auto[l][name], axes=leaf.ndim)
                 out[name] = (est, proj_hand, proj_auto, False)
         fd_out.append(out)
-    return hand, auto, fd_out
+    return flat_hand, flat_auto, fd_out
+
+
+def leaves_of(layer) -> list[tuple[str, Array]]:
+    """(name, leaf) of one layer's dict, in pytree order.
+
+    "W" and "b", then a hidden block's leaves as ``"name['key']"``.
+    """
+    return [
+        (path[0].key + jax.tree_util.keystr(path[1:]), leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(layer)
+    ]
 
 
 def _unit_directions(key, n, leaf):

@@ -1,4 +1,6 @@
-"""Scalar computational graphs with reverse-mode derivatives (seed 003).
+"""Scalar computational graphs with reverse-mode derivatives.
+
+See docs/derivation.md#computational-graph (eq. 22) and #worked-examples.
 
 A computational graph is a DAG whose nodes are scalar variables. Every node is
 either a leaf (a `variable` or a `constant`) or the result of ONE operation of
@@ -9,10 +11,10 @@ either a leaf (a `variable` or a `constant`) or the result of ONE operation of
 applied to its parents `Pa(u)` (`node.parents`). The nodes built from `u` are
 its successors `S(u)` (`node.successors`). Each node also stores the local
 partial derivatives ∂u/∂p of its operation with respect to each parent p
-(`node.local_grads`): this is the seed's extended graph G'.
+(`node.local_grads`): this is the extended graph G'.
 
-`backward(out)` applies the multivariate chain rule (DERIVATION, "Computational
-graph") once per node, in reverse topological order (seed 003, Algorithm 1):
+`backward(out)` applies the multivariate chain rule (docs/derivation.md eq. 22)
+once per node, in reverse topological order:
 
     du_n/du_j = Σ_{u_i ∈ S(u_j)} du_n/du_i · ∂u_i/∂u_j
 
@@ -357,8 +359,9 @@ def forward(out: Node) -> float:
 def backward(out: Node) -> dict[Node, float]:
     """Derivatives of `out` with respect to every node it depends on.
 
-    Seed 003, Algorithm 1: grad[out] = 1, then for each other node u_j in
-    reverse topological order, grad[u_j] = Σ_{u_i ∈ S(u_j)} grad[u_i] ∂u_i/∂u_j.
+    Reverse mode (docs/derivation.md eq. 22): grad[out] = 1, then for each
+    other node u_j in reverse topological order,
+    grad[u_j] = Σ_{u_i ∈ S(u_j)} grad[u_i] ∂u_i/∂u_j.
     Successors that `out` does not depend on contribute 0 and are skipped.
 
     Args:
@@ -506,7 +509,7 @@ def render(
     return path
 
 
-# --- The seed's worked examples ---
+# --- The worked examples (docs/derivation.md#worked-examples) ---
 
 
 def _total(nodes: Sequence[Node], name: str | None = None) -> Node:
@@ -521,7 +524,7 @@ def _total(nodes: Sequence[Node], name: str | None = None) -> Node:
 def linear_regression(
     w: Sequence[float], x: Sequence[float], y: float
 ) -> dict[str, Node]:
-    """Seed 003, example 1: squared error L = (wᵀx − y)² of a linear model.
+    """Worked example 1: squared error L = (wᵀx − y)² of a linear model.
 
     Built from OP as yhat = Σ_k w_k · x_k, r = yhat + (−y), L = r².
 
@@ -554,7 +557,7 @@ def softmax_regression(
     b: Sequence[float],
     y: Sequence[float],
 ) -> dict[str, Node]:
-    """Seed 003, example 2: softmax regression with cross-entropy.
+    """Worked example 2: softmax regression with cross-entropy.
 
     z_i = Σ_k W_ik x_k + b_i,  h_i = e^{z_i},  H = Σ_j h_j,  yhat_i = h_i / H,
     L = −Σ_i y_i log yhat_i.  For one-hot y, dL/db_i = yhat_i − y_i.
@@ -563,7 +566,7 @@ def softmax_regression(
       W: (K, D) weights, a list of rows.
       x: (D,) input.
       b: (K,) biases.
-      y: (K,) target distribution (one-hot in the seed).
+      y: (K,) target distribution (one-hot in the worked example).
 
     Returns:
       Named nodes: leaves "W11".."WKD", "x1".., "b1".., "y1"..; and "z1"..,

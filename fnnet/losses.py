@@ -1,8 +1,10 @@
-"""Per-example losses L_i and the output error signal delta^(L) (DERIVATION eq. 12).
+"""Per-example losses L_i and the output error signal delta^(L).
+
+See docs/derivation.md#output-deltas (eqs. 5-7) and #losses.
 
 Every function works on one example (vectors of shape (K,)) or on a batch
 (rows of shape (N, K)); the loss is summed over the last axis, so it returns
-shape () or (N,). The cost J is the mean of L_i over the batch (seed 001, 003).
+shape () or (N,). The cost J is the mean of L_i over the batch (eq. 3).
 
 Three output/loss pairs are *canonical*: for them the output delta is simply
 
@@ -20,24 +22,96 @@ their deltas never form ``log yhat``, so logits of any size give finite results.
 
 Any other pair goes through the general rules with g = dL_i/dyhat:
 
-    elementwise h:  delta^(L) = h'(a^(L)) * g                  (eq. 12)
-    softmax:        delta^(L) = yhat * (g - <g, yhat>)         (Jacobian-vector form)
+    elementwise h:  delta^(L) = h'(a^(L)) * g                  (eq. 5)
+    softmax:        delta^(L) = yhat * (g - <g, yhat>)         (eq. 6)
 
 ``bce`` is only defined for a sigmoid output and ``cross_entropy`` only for a
 softmax output (their values need probabilities in (0, 1) that the other
 outputs do not give); ``mse`` works with every output.
+
+A user's loss is a :class:`Loss` ``(name, value, grad)``: the per-example value
+L_i(yhat, y) and its hand-derived g = dL_i/dyhat. It goes through the general
+rules above, with any output activation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
-from fnnet.activations import ACTIVATIONS
+from fnnet.activations import ACTIVATIONS, Activation
 
 Array = jax.Array
 
 LOSSES = ("mse", "bce", "cross_entropy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A per-example loss L_i(yhat, y) with its hand-derived gradient in yhat.
+
+    Args:
+      name: a short name, used in messages, checkpoints and reports.
+      value: ``value(yhat, y)`` -> L_i, reducing the last axis: (..., K) -> (...).
+      grad: ``grad(yhat, y)`` -> g = dL_i/dyhat, shaped like yhat. The output
+        delta is then h'(a) * g (eq. 5), or yhat * (g - <g, yhat>) (eq. 6)
+        for a softmax output.
+      target_grad: optional ``target_grad(yhat, y)`` -> dL_i/dy, needed only
+        when :meth:`fnnet.MLP.hand_cost` is differentiated with respect to y;
+        without it that derivative is NaN (never a silent zero).
+
+    Targets are floating and shaped like the output. Frozen and hashable.
+
+    Example::
+
+        DELTA = 1.0
+        huber = fnnet.Loss(
+            "huber",
+            lambda yhat, y: jnp.sum(optax.huber_loss(yhat, y, DELTA), axis=-1),
+            lambda yhat, y: jnp.clip(yhat - y, -DELTA, DELTA),
+        )
+        net = fnnet.MLP((4, 16, 1), loss=huber)
+    """
+
+    name: str
+    value: Callable[[Array, Array], Array]
+    grad: Callable[[Array, Array], Array]
+    target_grad: Callable[[Array, Array], Array] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Loss name must be a non-empty str, got {self.name!r}")
+        for field in ("value", "grad"):
+            if not callable(getattr(self, field)):
+                raise TypeError(
+                    f"Loss {self.name!r}: {field} must be callable, got "
+                    f"{getattr(self, field)!r}"
+                )
+        if self.target_grad is not None and not callable(self.target_grad):
+            raise TypeError(
+                f"Loss {self.name!r}: target_grad must be callable or None, got "
+                f"{self.target_grad!r}"
+            )
+
+
+def get(spec: str | Loss) -> str | Loss:
+    """A built-in loss name, or a user's :class:`Loss`, checked."""
+    if isinstance(spec, Loss):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"loss must be a name or an fnnet.Loss, got {type(spec).__name__} {spec!r}"
+        )
+    if spec not in LOSSES:
+        raise ValueError(
+            f"loss {spec!r} is not supported; choose one of {LOSSES} or pass an "
+            "fnnet.Loss(name, value, grad)"
+        )
+    return spec
+
 
 #: The output each loss needs, or None when any output will do.
 REQUIRED_OUTPUT = {"mse": None, "bce": "sigmoid", "cross_entropy": "softmax"}
@@ -73,11 +147,13 @@ def per_example_loss(loss: str, a: Array, yhat: Array, y: Array) -> Array:
     """L_i for each example, shape ``a.shape[:-1]``.
 
     Args:
-      loss: "mse", "bce" or "cross_entropy".
+      loss: "mse", "bce", "cross_entropy", or a :class:`Loss`.
       a: (..., K) output pre-activation a^(L) (logits).
       yhat: (..., K) output h^(L)(a^(L)).
       y: (..., K) float targets, or (...,) integer labels for cross_entropy.
     """
+    if isinstance(loss, Loss):
+        return loss.value(yhat, y)
     if loss == "mse":
         return 0.5 * jnp.sum(jnp.square(yhat - y), axis=-1)
     if loss == "bce":
@@ -92,34 +168,47 @@ def per_example_loss(loss: str, a: Array, yhat: Array, y: Array) -> Array:
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def loss_grad_wrt_yhat(loss: str, yhat: Array, y: Array) -> Array:
-    """g = dL_i/dyhat, for the losses that allow a non-canonical output (mse)."""
+def loss_grad_wrt_yhat(loss: str | Loss, yhat: Array, y: Array) -> Array:
+    """g = dL_i/dyhat, for the losses that allow a non-canonical output."""
+    if isinstance(loss, Loss):
+        return loss.grad(yhat, y)
     if loss == "mse":
         return yhat - y
     raise ValueError(f"loss {loss!r} has only its canonical output pair")
 
 
-def output_delta_from_grad(output: str, a: Array, yhat: Array, g: Array) -> Array:
-    """delta^(L) = dL/da^(L) from g = dL/dyhat, for any output (general rules).
+def output_delta_from_grad(
+    output: str | Activation, a: Array, yhat: Array, g: Array
+) -> Array:
+    """delta^(L) = dL/da^(L) from g = dL/dyhat, for any output (eqs. 5, 6).
 
     Args:
-      output: name of the output activation h^(L).
+      output: the output activation h^(L), a name or an Activation.
       a: (..., K) pre-activation a^(L).
       yhat: (..., K) output h^(L)(a^(L)).
       g: (..., K) dL/dyhat.
     """
+    if isinstance(output, Activation):
+        return output.h_prime(a) * g  # eq. 5
     if output == "softmax":
-        # J_softmax g = diag(yhat) g - yhat yhat^T g
+        # J_softmax g = diag(yhat) g - yhat yhat^T g (eq. 6)
         return yhat * (g - jnp.sum(g * yhat, axis=-1, keepdims=True))
-    return ACTIVATIONS[output].h_prime(a) * g  # eq. 12, diag(h'(a)) g as a product
+    return ACTIVATIONS[output].h_prime(a) * g  # eq. 5, diag(h'(a)) g as a product
 
 
-def output_delta(output: str, loss: str, a: Array, yhat: Array, y: Array) -> Array:
-    """delta^(L) = dL_i/da^(L) per example (DERIVATION eq. 12 and its table).
+def is_canonical(output, loss) -> bool:
+    """Whether (output, loss) is a canonical pair, whose delta is yhat - y (eq. 7)."""
+    return isinstance(output, str) and (output, loss) in CANONICAL_PAIRS
+
+
+def output_delta(
+    output: str | Activation, loss: str | Loss, a: Array, yhat: Array, y: Array
+) -> Array:
+    """delta^(L) = dL_i/da^(L) per example (eqs. 5-7).
 
     Args:
-      output: name of the output activation h^(L).
-      loss: name of the per-example loss.
+      output: the output activation h^(L), a name or an Activation.
+      loss: the per-example loss, a name or a Loss.
       a: (..., K) pre-activation a^(L).
       yhat: (..., K) output h^(L)(a^(L)).
       y: (..., K) targets (dense: integer labels already one-hot).
@@ -127,13 +216,21 @@ def output_delta(output: str, loss: str, a: Array, yhat: Array, y: Array) -> Arr
     Returns:
       (..., K) delta^(L), not yet divided by the batch size.
     """
-    if (output, loss) in CANONICAL_PAIRS:
-        return yhat - y
+    if is_canonical(output, loss):
+        return yhat - y  # eq. 7
     return output_delta_from_grad(output, a, yhat, loss_grad_wrt_yhat(loss, yhat, y))
 
 
-def target_grad(loss: str, a: Array, yhat: Array, y: Array) -> Array:
-    """dL_i/dy for float targets (used when y itself is differentiated)."""
+def target_grad(loss: str | Loss, a: Array, yhat: Array, y: Array) -> Array:
+    """dL_i/dy for float targets (used when y itself is differentiated).
+
+    A user's :class:`Loss` without ``target_grad`` gives NaN: it has no
+    hand-derived dL/dy, and a silent zero would be wrong.
+    """
+    if isinstance(loss, Loss):
+        if loss.target_grad is None:
+            return jnp.full_like(yhat, jnp.nan)
+        return loss.target_grad(yhat, y)
     if loss == "mse":
         return y - yhat
     if loss == "bce":

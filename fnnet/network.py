@@ -1,16 +1,18 @@
-"""The multi-layer perceptron: configuration, initialisation, forward, cost, backprop.
+"""The multi-layer perceptron: a checked front over the functional core.
 
-Notation (seed 000, DERIVATION.md): ``z^(0) = x``; for l = 1..L
+Notation (docs/derivation.md#notation): ``z^(0) = x``; for l = 1..L
 
-    a^(l) = W^(l) z^(l-1) + b^(l)        (eq. 2)
-    z^(l) = h^(l)(a^(l))                 (eq. 3)
+    a^(l) = W^(l) z^(l-1) + b^(l)        (eq. 1)
+    z^(l) = h^(l)(a^(l))                 (eq. 2)
 
 with ``W^(l)`` of shape (M_l, M_{l-1}) and ``b^(l)`` of shape (M_l,). A batch
-is a matrix whose rows are examples (seed 001): ``A = Z W^T + b``.
+is a matrix whose rows are examples: ``A = Z W^T + b`` (eq. 12).
 
 :class:`MLP` is a frozen, hashable dataclass of Python values: it carries no
 arrays, so it can be a static argument of ``jax.jit``. Parameters are a
-separate pytree; every method is a pure function of its arguments.
+separate pytree. Each public method validates its inputs once, with
+:meth:`MLP.validate`, and then calls one compiled function of
+:mod:`fnnet.core`.
 
 Input checks come in two kinds:
 
@@ -25,26 +27,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnnet import backward as bw
-from fnnet import losses
-from fnnet.activations import (
-    ACTIVATIONS,
-    HIDDEN_ACTIVATIONS,
-    OUTPUT_ACTIVATIONS,
-    output_fn,
-)
-from fnnet.types import Array, Grads, Params
+from fnnet import activations, blocks, core, losses
+from fnnet.activations import Activation, name_of
+from fnnet.blocks import Block
+from fnnet.core import dropout_masks, forward_cache  # noqa: F401  (public here too)
+from fnnet.losses import Loss
+from fnnet.types import Array, Params
 
 # Activations whose weights get He initialisation (variance 2 / fan_in).
 _RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu")
+_MISSING = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +52,16 @@ class MLP:
     Args:
       sizes: layer widths ``(M_0, M_1, ..., M_L)``: M_0 inputs, M_L outputs,
         at least two entries.
-      activation: hidden activation h^(1..L-1), one name for every hidden
-        layer or one name per hidden layer. One of ``HIDDEN_ACTIVATIONS``.
-      output: output activation h^(L): any hidden activation name, or
-        ``"softmax"``.
-      loss: name of the per-example loss L_i: ``"mse"``, ``"bce"`` (needs a
-        sigmoid output) or ``"cross_entropy"`` (needs a softmax output).
+      activation: hidden activation h^(1..L-1): one for every hidden layer or
+        one per hidden layer. Each is a name of ``HIDDEN_ACTIVATIONS``, an
+        :class:`fnnet.Activation`, or an :class:`fnnet.Block` (which maps
+        a^(l) to z^(l) of the same width; its parameters live in the layer's
+        dict under the block's name).
+      output: output activation h^(L): a hidden activation name, ``"softmax"``
+        or an :class:`fnnet.Activation`.
+      loss: the per-example loss L_i: ``"mse"``, ``"bce"`` (needs a sigmoid
+        output), ``"cross_entropy"`` (needs a softmax output), or an
+        :class:`fnnet.Loss` (any output).
       keep_prob: inverted-dropout keep probability p of the hidden layers'
         outputs (1.0: no dropout). Dropout is applied only when a ``key`` is
         passed to ``forward``/``cost``/``backprop``; without one the network
@@ -74,9 +76,9 @@ class MLP:
     """
 
     sizes: tuple[int, ...]
-    activation: str | tuple[str, ...] = "relu"
-    output: str = "identity"
-    loss: str = "mse"
+    activation: str | Activation | Block | tuple = "relu"
+    output: str | Activation = "identity"
+    loss: str | Loss = "mse"
     keep_prob: float = 1.0
 
     def __post_init__(self):
@@ -93,42 +95,38 @@ class MLP:
         object.__setattr__(self, "sizes", tuple(int(m) for m in sizes))
 
         act = self.activation
-        if isinstance(act, str):
-            names = (act,)
-        elif isinstance(act, Sequence) and all(isinstance(n, str) for n in act):
-            names = tuple(act)
-            object.__setattr__(self, "activation", names)
+        if isinstance(act, (str, Activation, Block)):
+            specs = (act,)
+        elif isinstance(act, Sequence):
+            specs = tuple(act)
+            object.__setattr__(self, "activation", specs)
             n_hidden = len(self.sizes) - 2
-            if len(names) != n_hidden:
+            if len(specs) != n_hidden:
                 raise ValueError(
-                    f"activation has {len(names)} names but sizes={self.sizes} has "
-                    f"{n_hidden} hidden layers; give one name per hidden layer or a "
-                    "single name for all"
+                    f"activation has {len(specs)} names but sizes={self.sizes} has "
+                    f"{n_hidden} hidden layers; give one name (or Activation, or "
+                    "Block) per hidden layer or a single one for all"
                 )
         else:
-            raise TypeError(f"activation must be a str or a tuple of str, got {act!r}")
-        for name in names:
-            if name not in HIDDEN_ACTIVATIONS:
-                raise ValueError(
-                    f"activation {name!r} is not supported; choose one of "
-                    f"{HIDDEN_ACTIVATIONS}"
-                )
-        if self.output not in OUTPUT_ACTIVATIONS:
-            raise ValueError(
-                f"output {self.output!r} is not supported; choose one of "
-                f"{OUTPUT_ACTIVATIONS}"
+            raise TypeError(
+                "activation must be a name, an fnnet.Activation, an fnnet.Block or "
+                f"a tuple of them, got {act!r}"
             )
-        if self.loss not in losses.LOSSES:
-            raise ValueError(
-                f"loss {self.loss!r} is not supported; choose one of {losses.LOSSES}"
-            )
-        needed = losses.REQUIRED_OUTPUT[self.loss]
+        for spec in specs:
+            if not isinstance(spec, Block):
+                activations.get(spec)
+        output = activations.get(self.output, output=True)
+        if isinstance(output, Activation) and output.name in activations.ACTIVATIONS:
+            if activations.ACTIVATIONS[output.name] is output:  # a built-in: its name
+                object.__setattr__(self, "output", output.name)
+        loss = losses.get(self.loss)
+        needed = losses.REQUIRED_OUTPUT.get(loss) if isinstance(loss, str) else None
         if needed is not None and self.output != needed:
             raise ValueError(
-                f"loss={self.loss!r} needs output={needed!r}, got output="
-                f"{self.output!r} (mse works with any output)"
+                f"loss={loss!r} needs output={needed!r}, got output="
+                f"{name_of(self.output)!r} (mse and fnnet.Loss work with any output)"
             )
-        if self.loss == "cross_entropy" and self.sizes[-1] < 2:
+        if loss == "cross_entropy" and self.sizes[-1] < 2:
             raise ValueError(
                 "loss='cross_entropy' needs at least 2 output units, got "
                 f"sizes[-1]={self.sizes[-1]}; use output='sigmoid', loss='bce' "
@@ -147,11 +145,40 @@ class MLP:
         return len(self.sizes) - 1
 
     @property
+    def hidden_blocks(self) -> tuple[Activation | Block, ...]:
+        """The blocks of h^(1..L-1): Activations or user Blocks."""
+        act = self.activation
+        specs = act if isinstance(act, tuple) else (act,) * (self.num_layers - 1)
+        return tuple(s if isinstance(s, Block) else activations.get(s) for s in specs)
+
+    @property
     def hidden_activations(self) -> tuple[str, ...]:
         """Names of h^(1..L-1)."""
-        if isinstance(self.activation, str):
-            return (self.activation,) * (self.num_layers - 1)
-        return self.activation
+        return tuple(b.name for b in self.hidden_blocks)
+
+    def extensions(self) -> tuple:
+        """The user's Activations, Blocks and Loss in this network (no built-ins)."""
+        found = [
+            b
+            for b in self.hidden_blocks
+            if b.name not in activations.ACTIVATIONS
+            or activations.ACTIVATIONS[b.name] is not b
+        ]
+        found += [e for e in (self.output, self.loss) if not isinstance(e, str)]
+        return tuple(dict.fromkeys(found))
+
+    def describe(self) -> dict:
+        """The configuration as JSON-able values (extensions by their names)."""
+        act = self.activation
+        return {
+            "sizes": list(self.sizes),
+            "activation": [name_of(a) for a in act]
+            if isinstance(act, tuple)
+            else name_of(act),
+            "output": name_of(self.output),
+            "loss": name_of(self.loss),
+            "keep_prob": self.keep_prob,
+        }
 
     # ---------------------------------------------------------------- public API
 
@@ -160,7 +187,9 @@ class MLP:
 
         W^(l) ~ N(0, gain^2 / M_{l-1}) with gain^2 = 2 when h^(l) is ReLU-like
         (relu, leaky_relu, elu, gelu: He et al.) and 1 otherwise (LeCun; the
-        output layer too); biases start at 0.
+        output layer too); biases start at 0. A hidden :class:`fnnet.Block`
+        with parameters gets ``block.init(fold_in(key_l, 1), M_l, dtype)``
+        under its name.
 
         Args:
           key: a JAX PRNG key, split once per layer.
@@ -170,14 +199,18 @@ class MLP:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         keys = jax.random.split(key, self.num_layers)
-        acts = (*self.hidden_activations, self.output)
+        hidden = self.hidden_blocks
         params = []
-        for k, fan_in, fan_out, act in zip(
-            keys, self.sizes[:-1], self.sizes[1:], acts, strict=True
+        for l, (k, fan_in, fan_out) in enumerate(
+            zip(keys, self.sizes[:-1], self.sizes[1:], strict=True)
         ):
-            std = math.sqrt((2.0 if act in _RELU_LIKE else 1.0) / fan_in)
-            W = jax.random.normal(k, (fan_out, fan_in), dtype) * std
-            params.append({"W": W, "b": jnp.zeros((fan_out,), dtype)})
+            act = hidden[l].name if l < len(hidden) else name_of(self.output)
+            gain2 = 2.0 if act in _RELU_LIKE else 1.0
+            layer = blocks.affine_init(k, fan_in, fan_out, dtype, gain2)
+            if l < len(hidden) and hidden[l].init:
+                block_key = jax.random.fold_in(k, 1)
+                layer[hidden[l].name] = hidden[l].init(block_key, fan_out, dtype)
+            params.append(layer)
         return tuple(params)
 
     def forward(self, params: Params, x: Array, *, key: Array | None = None) -> Array:
@@ -188,13 +221,11 @@ class MLP:
           x: one example (M_0,) or a batch (N, M_0), floating.
           key: PRNG key for dropout (training mode); None for evaluation.
         """
-        self._check_params(params)
-        x = self._check_x(x)
-        self._check_key(key)
+        x, _ = self.validate(params, x, key=key)
         return _forward(self, params, x, key)
 
     def cost(self, params: Params, x: Array, y: Array, *, key: Array | None = None):
-        """J: the mean of the per-example loss L_i over the batch (L_i for one example).
+        """J: the mean of the per-example loss L_i over the batch (eq. 3).
 
         Differentiable with ``jax.grad`` (that is the automatic reference the
         hand-written :meth:`backprop` is checked against).
@@ -205,10 +236,7 @@ class MLP:
           y: targets; see :meth:`backprop`.
           key: PRNG key for dropout (training mode); None for evaluation.
         """
-        self._check_params(params)
-        x = self._check_x(x)
-        y = self._check_y(y, x)
-        self._check_key(key)
+        x, y = self.validate(params, x, y, key=key)
         return _cost(self, params, x, y, key)
 
     def backprop(
@@ -220,21 +248,22 @@ class MLP:
         key: Array | None = None,
         input_grad: bool = False,
     ):
-        """J and dJ/dparams from the hand-written backward pass (eqs. 9-14).
+        """J and dJ/dparams from the hand-written backward pass (eqs. 5-14).
 
-        One example (x of shape (M_0,)) runs Algorithm 1 with outer products; a
-        batch (x of shape (N, M_0)) runs seed 001's matrix form. Both give the
-        gradient of the mean loss, so ``jax.vmap(net.backprop, in_axes=(None,
-        0, 0))`` yields per-example gradients whose mean is the batch gradient.
+        One example (x of shape (M_0,)) runs the per-example recursion with
+        outer products; a batch (x of shape (N, M_0)) the matrix form. Both
+        give the gradient of the mean loss, so ``jax.vmap(net.backprop,
+        in_axes=(None, 0, 0))`` yields per-example gradients whose mean is the
+        batch gradient.
 
         Args:
           params: as returned by :meth:`init`.
           x: (M_0,) or (N, M_0), floating; converted to the parameters' dtype.
-          y: targets. ``mse``/``bce``: floating, the output's shape ((N, M_L)
-            or (M_L,)); with one output unit (N,) or () is accepted too.
-            ``bce`` targets lie in [0, 1]. ``cross_entropy``: integer labels
-            in [0, M_L) of shape (N,) or (), or probability rows of shape
-            (N, M_L) or (M_L,) that sum to 1.
+          y: targets. ``mse``/``bce``/a Loss: floating, the output's shape
+            ((N, M_L) or (M_L,)); with one output unit (N,) or () is accepted
+            too. ``bce`` targets lie in [0, 1]. ``cross_entropy``: integer
+            labels in [0, M_L) of shape (N,) or (), or probability rows of
+            shape (N, M_L) or (M_L,) that sum to 1.
           key: PRNG key for dropout; the backward pass reuses the forward's mask.
           input_grad: also return dJ/dx, shaped like x.
 
@@ -242,10 +271,7 @@ class MLP:
           ``(J, grads)``, or ``(J, grads, dx)`` with ``input_grad=True``;
           ``grads`` has the structure of ``params``.
         """
-        self._check_params(params)
-        x = self._check_x(x)
-        y = self._check_y(y, x)
-        self._check_key(key)
+        x, y = self.validate(params, x, y, key=key)
         J, grads, dx = _backprop(self, params, x, y, key, input_grad)
         return (J, grads, dx) if input_grad else (J, grads)
 
@@ -254,11 +280,7 @@ class MLP:
 
         ``jax.vmap`` of the single-example hand-written backward pass.
         """
-        self._check_params(params)
-        x = self._check_x(x)
-        y = self._check_y(y, x)
-        if x.ndim != 2:
-            raise ValueError(f"x must be a batch (N, {self.sizes[0]}), got {x.shape}")
+        x, y = self.validate(params, x, y, batch=True)
         return _per_example(self, params, x, y)
 
     def hand_cost(
@@ -267,28 +289,67 @@ class MLP:
         """J, with the hand-written backward registered as its derivative.
 
         The value equals :meth:`cost`; ``jax.grad`` (and so optax, or any JAX
-        code) differentiates it by running :func:`fnnet.backward.backward`
+        code) differentiates it by running the hand-written backward pass
         instead of tracing the forward pass (``jax.custom_vjp``). Gradients
         flow to ``params``, ``x`` and float ``y``.
         """
-        self._check_params(params)
-        x = self._check_x(x)
-        y = self._check_y(y, x)
-        self._check_key(key)
+        x, y = self.validate(params, x, y, key=key)
         return _hand_cost(self, params, x, y, key)
 
     def hand_forward(self, params: Params, x: Array) -> Array:
         """yhat, as :meth:`forward`, with the hand-written backward as its VJP.
 
         Use it to put the network inside any loss written in JAX: ``jax.grad``
-        hands the cotangent dL/dyhat to the general output rule (eq. 12, or the
-        softmax Jacobian-vector form) and then to the delta recursion.
+        hands the cotangent dL/dyhat to the general output rule (eqs. 5, 6)
+        and then to the delta recursion.
         """
-        self._check_params(params)
-        x = self._check_x(x)
+        x, _ = self.validate(params, x)
         return _hand_forward(self, params, x)
 
     # -------------------------------------------------------------- input checks
+
+    def validate(
+        self,
+        params: Params,
+        x: Array,
+        y: Array = _MISSING,
+        *,
+        key: Array | None = None,
+        batch: bool = False,
+    ):
+        """Check params, x, y and key for this network; return ``(x, y)``.
+
+        The one validation of fnnet's checked entry points: the methods above,
+        :func:`fnnet.train.fit`, :mod:`fnnet.ensemble` and
+        :func:`fnnet.gradcheck` call it once, then the unchecked core.
+
+        Args:
+          params: one layer dict per layer, shaped for ``sizes``.
+          x: (M_0,) or (N, M_0), floating (array-likes are converted).
+          y: targets (see :meth:`backprop`); omit when there are none.
+          key: dropout key, which needs ``keep_prob < 1``.
+          batch: require x to be a batch (N, M_0).
+
+        Returns:
+          ``(x, y)`` as arrays; y is None when it was omitted.
+
+        Raises:
+          TypeError, ValueError: naming the argument, the expected and the
+            received value.
+        """
+        self._check_params(params)
+        x = self._check_x(x)
+        if batch and x.ndim != 2:
+            raise ValueError(
+                f"x must be a batch (N, {self.sizes[0]}), got {tuple(x.shape)}"
+            )
+        y = None if y is _MISSING else self._check_y(y, x)
+        if key is not None and self.keep_prob == 1.0:
+            raise ValueError(
+                "key was given but keep_prob=1.0 means no dropout; pass "
+                "keep_prob < 1 to MLP or drop the key"
+            )
+        return x, y
 
     def _check_params(self, params: Params) -> None:
         L = self.num_layers
@@ -301,36 +362,45 @@ class MLP:
             raise ValueError(
                 f"params has {len(params)} layers but sizes={self.sizes} needs {L}"
             )
+        hidden = self.hidden_blocks
         dtype = None
         for l, layer in enumerate(params):
-            if not isinstance(layer, Mapping) or set(layer) != {"W", "b"}:
+            block = hidden[l] if l < len(hidden) and hidden[l].init else None
+            keys = {"W", "b"} | ({block.name} if block else set())
+            if not isinstance(layer, Mapping) or set(layer) != keys:
                 got = sorted(layer) if isinstance(layer, Mapping) else type(layer)
+                extra = f", {block.name!r}" if block else ""
                 raise ValueError(
-                    f"params[{l}] must be a dict with keys 'W' and 'b', got {got}"
+                    f"params[{l}] must be a dict with keys 'W'{extra} and 'b', "
+                    f"got {got}"
                 )
             expected = {
                 "W": (self.sizes[l + 1], self.sizes[l]),
                 "b": (self.sizes[l + 1],),
             }
-            for name, shape in expected.items():
-                leaf = layer[name]
+            leaves = [
+                (f"[{name!r}]", layer[name], shape) for name, shape in expected.items()
+            ]
+            if block:
+                leaves += _block_leaves(block, self.sizes[l + 1], layer[block.name])
+            for where, leaf, shape in leaves:
                 leaf_shape = tuple(getattr(leaf, "shape", ()))
                 if leaf_shape != shape:
                     raise ValueError(
-                        f"params[{l}][{name!r}] must have shape {shape} for "
+                        f"params[{l}]{where} must have shape {shape} for "
                         f"sizes={self.sizes}, got {leaf_shape}"
                     )
-                leaf_dtype = jnp.dtype(leaf.dtype)
+                leaf_dtype = jnp.dtype(getattr(leaf, "dtype", type(leaf)))
                 if not jnp.issubdtype(leaf_dtype, jnp.floating):
                     raise TypeError(
-                        f"params[{l}][{name!r}] must be floating, got {leaf_dtype}"
+                        f"params[{l}]{where} must be floating, got {leaf_dtype}"
                     )
                 if dtype is None:
                     dtype = leaf_dtype
                 elif leaf_dtype != dtype:
                     raise TypeError(
                         f"every parameter must share one dtype: params[0]['W'] is "
-                        f"{dtype} but params[{l}][{name!r}] is {leaf_dtype}"
+                        f"{dtype} but params[{l}]{where} is {leaf_dtype}"
                     )
 
     def _check_x(self, x: Array) -> Array:
@@ -376,9 +446,10 @@ class MLP:
                     f"probabilities, got dtype {y.dtype}"
                 )
         else:
+            loss = name_of(self.loss)
             if not floating:
                 raise TypeError(
-                    f"y for loss={self.loss!r} must be floating point, got dtype "
+                    f"y for loss={loss!r} must be floating point, got dtype "
                     f"{y.dtype}; convert it with y.astype(np.float32)"
                 )
             ok = tuple(y.shape) == out_shape or (K == 1 and tuple(y.shape) == batch)
@@ -386,7 +457,7 @@ class MLP:
                 extra = f" or {batch}" if K == 1 else ""
                 raise ValueError(
                     f"y must have shape {out_shape}{extra} (the output's shape) for "
-                    f"loss={self.loss!r}, got {tuple(y.shape)}"
+                    f"loss={loss!r}, got {tuple(y.shape)}"
                 )
         if not isinstance(y, jax.core.Tracer):
             self._check_y_values(np.asarray(y))
@@ -419,222 +490,73 @@ class MLP:
                     f"(within {tol}); the worst row sums to 1 {worst:+.3g}"
                 )
 
-    def _check_key(self, key: Array | None) -> None:
-        if key is not None and self.keep_prob == 1.0:
-            raise ValueError(
-                "key was given but keep_prob=1.0 means no dropout; pass "
-                "keep_prob < 1 to MLP or drop the key"
-            )
+
+def _block_leaves(block: Block, width: int, params):
+    """(where, leaf, expected shape) of a hidden block's parameters."""
+    expected = _block_shapes(block, width)
+    got = jax.tree_util.tree_structure(params)
+    if got != jax.tree_util.tree_structure(expected):
+        raise ValueError(
+            f"params of block {block.name!r} must have the structure of its init, "
+            f"{jax.tree_util.tree_structure(expected)}, got {got}"
+        )
+    return [
+        (f"[{block.name!r}]{jax.tree_util.keystr(path)}", leaf, want.shape)
+        for (path, leaf), want in zip(
+            jax.tree_util.tree_leaves_with_path(params),
+            jax.tree_util.tree_leaves(expected),
+            strict=True,
+        )
+    ]
+
+
+@functools.lru_cache(maxsize=256)
+def _block_shapes(block: Block, width: int):
+    def init(key):
+        return block.init(key, width, jnp.float32)
+
+    return jax.eval_shape(init, jax.random.key(0))
 
 
 # ---------------------------------------------------------------------------
-# Pure, compiled implementation. ``net`` is static: every function below is
-# traced once per (net, shapes, dtypes) and then reused.
+# The compiled core calls. ``net`` is static: each is traced once per (net,
+# shapes, dtypes) and then reused.
 # ---------------------------------------------------------------------------
-
-
-def affine(W: Array, b: Array, z: Array) -> Array:
-    """a = W z + b (eq. 2) for one example; A = Z W^T + b for rows."""
-    if z.ndim == 1:
-        return W @ z + b
-    # Z W^T as one dot_general contracting the feature axes: no transposed copy.
-    ZWt = jax.lax.dot_general(z, W, (((1,), (1,)), ((), ())))
-    return ZWt + b[None, :]
-
-
-def h_primes(net: MLP):
-    """h'^(1..L-1) of the hidden layers."""
-    return tuple(ACTIVATIONS[name].h_prime for name in net.hidden_activations)
-
-
-def dropout_masks(net: MLP, key: Array | None, batch: tuple[int, ...], dtype):
-    """Scaled masks m / p for every hidden layer (inverted dropout), or None."""
-    if key is None:
-        return None
-    p = net.keep_prob
-    keys = jax.random.split(key, net.num_layers - 1)
-    return tuple(
-        jax.random.bernoulli(k, p, (*batch, m)).astype(dtype) / jnp.asarray(p, dtype)
-        for k, m in zip(keys, net.sizes[1:-1], strict=True)
-    )
-
-
-def forward_cache(net: MLP, params: Params, x: Array, masks=None):
-    """Forward pass keeping every a^(l) and z^(l) for the backward pass.
-
-    Args:
-      net: the configuration.
-      params: the parameters.
-      x: (M_0,) or (N, M_0) input, already in the parameters' dtype.
-      masks: optional scaled dropout masks of the hidden layers.
-
-    Returns:
-      ``(a_list, z_list)``: a^(1..L) and z^(0..L), z^(0) = x, z^(L) = yhat.
-    """
-    a_list, z_list = [], [x]
-    z = x
-    for l, layer in enumerate(params):
-        a = affine(layer["W"], layer["b"], z)  # eq. 2
-        if l < net.num_layers - 1:
-            z = ACTIVATIONS[net.hidden_activations[l]].h(a)  # eq. 3
-            if masks is not None:
-                z = z * masks[l]
-        else:
-            z = output_fn(net.output)(a)
-        a_list.append(a)
-        z_list.append(z)
-    return a_list, z_list
-
-
-def _prepare(net: MLP, params: Params, x: Array, y: Array | None):
-    """Convert x and float y to the parameters' dtype; give y the output's shape."""
-    dtype = params[0]["W"].dtype
-    x = jnp.asarray(x).astype(dtype)
-    if y is None:
-        return x, None
-    y = jnp.asarray(y)
-    if jnp.issubdtype(y.dtype, jnp.floating):
-        y = y.astype(dtype)
-        if y.shape != (*x.shape[:-1], net.sizes[-1]):
-            y = y[..., None]  # (N,) or () targets of a single output unit
-    return x, y
-
-
-def _masks_for(net, key, x):
-    return dropout_masks(net, key, x.shape[:-1], x.dtype)
-
-
-def mean_loss(net: MLP, a_list, z_list, y: Array) -> Array:
-    """J = mean of L_i over the batch, from a forward pass's cache."""
-    return jnp.mean(losses.per_example_loss(net.loss, a_list[-1], z_list[-1], y))
-
-
-def _cost_impl(net: MLP, params: Params, x: Array, y: Array, masks) -> Array:
-    return mean_loss(net, *forward_cache(net, params, x, masks), y)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(net: MLP, params: Params, x: Array, key) -> Array:
-    x, _ = _prepare(net, params, x, None)
-    return forward_cache(net, params, x, _masks_for(net, key, x))[1][-1]
+    x, _ = core.prepare(net, params, x)
+    return core.forward(net, params, x, core.masks_for(net, key, x))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _cost(net: MLP, params: Params, x: Array, y: Array, key) -> Array:
-    x, y = _prepare(net, params, x, y)
-    return _cost_impl(net, params, x, y, _masks_for(net, key, x))
-
-
-class HandGrads(NamedTuple):
-    """What the hand-written backward pass returns."""
-
-    J: Array  # the cost
-    grads: Grads  # dJ/dparams, the structure of params
-    dx: Array | None  # dJ/dx when asked for
-    dy: Array | None  # dJ/dy when asked for (float targets only)
-
-
-def backprop_impl(
-    net: MLP,
-    params: Params,
-    x: Array,
-    y: Array,
-    masks=None,
-    input_grad: bool = False,
-    target_grad: bool = False,
-) -> HandGrads:
-    """J and its gradients by the hand-written backward pass.
-
-    Unchecked and untransformed, for use inside compiled code: x is in the
-    parameters' dtype and y went through ``_prepare``.
-    """
-    a_list, z_list = forward_cache(net, params, x, masks)
-    a_L, yhat = a_list[-1], z_list[-1]
-    J = mean_loss(net, a_list, z_list, y)
-    # J is a mean over the rows of a batch: each row's delta carries 1/N.
-    inv_n = 1.0 / x.shape[0] if x.ndim == 2 else 1.0
-    y_dense = losses.dense_targets(net.loss, y, net.sizes[-1], yhat.dtype)
-    delta_L = losses.output_delta(net.output, net.loss, a_L, yhat, y_dense)  # eq. 12
-    if x.ndim == 2:
-        delta_L = delta_L * jnp.asarray(inv_n, delta_L.dtype)
-    grads, dx = bw.backward(
-        params, a_list, z_list, delta_L, h_primes(net), masks, input_grad
-    )
-    dy = None
-    if target_grad and jnp.issubdtype(y.dtype, jnp.floating):
-        dy = losses.target_grad(net.loss, a_L, yhat, y) * jnp.asarray(inv_n, yhat.dtype)
-    return HandGrads(J, grads, dx, dy)
+    x, y = core.prepare(net, params, x, y)
+    return core.cost(net, params, x, y, core.masks_for(net, key, x))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _backprop(net: MLP, params: Params, x: Array, y: Array, key, input_grad: bool):
-    x, y = _prepare(net, params, x, y)
-    J, grads, dx, _ = backprop_impl(
-        net, params, x, y, _masks_for(net, key, x), input_grad
+    x, y = core.prepare(net, params, x, y)
+    J, grads, dx, _ = core.backprop(
+        net, params, x, y, core.masks_for(net, key, x), input_grad
     )
     return J, grads, dx
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _per_example(net: MLP, params: Params, x: Array, y: Array):
-    x, y = _prepare(net, params, x, y)
-
-    def one(xi, yi):
-        J, grads, _, _ = backprop_impl(net, params, xi, yi)
-        return J, grads
-
-    return jax.vmap(one)(x, y)
-
-
-# --- the hand backward as JAX's derivative (jax.custom_vjp) -----------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _hand_cost_vjp(net: MLP, params: Params, x: Array, y: Array, masks) -> Array:
-    return _cost_impl(net, params, x, y, masks)
-
-
-def _hand_cost_fwd(net, params, x, y, masks):
-    J, grads, dx, dy = backprop_impl(net, params, x, y, masks, True, True)
-    return J, (grads, dx, dy)
-
-
-def _hand_cost_bwd(net, res, g):
-    grads, dx, dy = res
-    scale = lambda t: None if t is None else g * t  # noqa: E731
-    return jax.tree.map(scale, grads), scale(dx), scale(dy), None
-
-
-_hand_cost_vjp.defvjp(_hand_cost_fwd, _hand_cost_bwd)
+    return core.per_example_grads(net, params, *core.prepare(net, params, x, y))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _hand_cost(net: MLP, params: Params, x: Array, y: Array, key) -> Array:
-    x, y = _prepare(net, params, x, y)
-    return _hand_cost_vjp(net, params, x, y, _masks_for(net, key, x))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _hand_forward_vjp(net: MLP, params: Params, x: Array) -> Array:
-    return forward_cache(net, params, x)[1][-1]
-
-
-def _hand_forward_fwd(net, params, x):
-    a_list, z_list = forward_cache(net, params, x)
-    return z_list[-1], (params, a_list, z_list)
-
-
-def _hand_forward_bwd(net, res, g):
-    params, a_list, z_list = res
-    delta_L = losses.output_delta_from_grad(net.output, a_list[-1], z_list[-1], g)
-    grads, dx = bw.backward(params, a_list, z_list, delta_L, h_primes(net), None, True)
-    return grads, dx
-
-
-_hand_forward_vjp.defvjp(_hand_forward_fwd, _hand_forward_bwd)
+    x, y = core.prepare(net, params, x, y)
+    return core.hand_cost(net, params, x, y, core.masks_for(net, key, x))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _hand_forward(net: MLP, params: Params, x: Array) -> Array:
-    x, _ = _prepare(net, params, x, None)
-    return _hand_forward_vjp(net, params, x)
+    x, _ = core.prepare(net, params, x)
+    return core.hand_forward(net, params, x)

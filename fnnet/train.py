@@ -1,4 +1,4 @@
-"""Training: seed 001's SGD, optax optimizers, regularization, early stopping.
+"""Training: plain SGD, optax optimizers, regularization, early stopping.
 
 One step is forward, backward, update. A whole epoch (shuffle, then every
 mini-batch) is ONE compiled call: ``jax.lax.scan`` over the batches, so small
@@ -6,18 +6,24 @@ networks are not dominated by Python dispatch. The gradient comes from the
 hand-written backward pass (``grad="hand"``, the default) or from ``jax.grad``
 of the same cost (``grad="auto"``); nothing else changes between the two.
 
-Regularization (seed 001, DERIVATION "Regularization"):
+Regularization (docs/derivation.md#regularization):
 
-* ``l2 = alpha``: J~ = J + (alpha/2) ||W||^2, hand gradient dJ~/dW = dJ/dW + alpha W.
+* ``l2 = alpha``: J~ = J + (alpha/2) ||W||^2, hand gradient dJ~/dW = dJ/dW +
+  alpha W (eq. 17).
 * ``weight_decay = beta``: the decoupled update theta <- theta - beta theta + u,
-  u the optimizer's update. With plain SGD, u = -lr dJ/dtheta and this equals
-  the L2 update when beta = lr * alpha.
+  u the optimizer's update (eq. 18). With plain SGD (eq. 19), u = -lr
+  dJ/dtheta and this equals the L2 update when beta = lr * alpha.
 * Both leave biases alone unless ``decay_biases=True`` (biases do not add to
   the capacity that the penalty is meant to limit).
-* ``MLP(keep_prob=p)``: inverted dropout in training steps only.
+* ``MLP(keep_prob=p)``: inverted dropout in training steps only (eqs. 20, 21).
 * ``noise_std = s``: Gaussian noise N(0, s^2) added to each training input.
 * ``patience = k``: stop after k epochs without a better validation loss and
   return the best parameters.
+
+Verification during training: ``fit(..., check_every=k)`` compares, every k
+epochs, the hand gradient with ``jax.grad`` of the same cost on a fixed batch
+and records the per-layer relative errors (eq. 23) in the history; see
+:func:`grad_check_errors`.
 """
 
 from __future__ import annotations
@@ -38,15 +44,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fnnet import checkpoint as ckpt
-from fnnet.network import (
-    MLP,
-    _cost_impl,
-    _prepare,
-    backprop_impl,
-    dropout_masks,
-    forward_cache,
-    mean_loss,
-)
+from fnnet import core
+from fnnet.core import metric_name
+from fnnet.network import MLP
 from fnnet.types import Array, Grads, Params
 
 GRADS = ("hand", "auto")
@@ -117,8 +117,8 @@ class TrainConfig:
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation | None:
     """The optax transformation named by ``config.optimizer``.
 
-    ``"sgd"`` returns None: plain SGD is applied by hand as seed 001 writes it,
-    ``W <- W - lr dJ/dW``. Cached, so equal configs share one object and so
+    ``"sgd"`` returns None: plain SGD is applied by hand, ``W <- W - lr dJ/dW``
+    (eq. 19). Cached, so equal configs share one object and so
     one compiled epoch.
     """
     return _make_optimizer(config.step_part())
@@ -196,16 +196,16 @@ def loss_and_grads(net: MLP, config: TrainConfig, params, x, y, key):
             noise = jax.random.normal(k_noise, x.shape, x.dtype)
             x = x + jnp.asarray(config.noise_std, x.dtype) * noise
         if net.keep_prob < 1:
-            masks = dropout_masks(net, k_mask, x.shape[:-1], x.dtype)
+            masks = core.masks_for(net, k_mask, x)
     if config.grad == "hand":
-        J, grads, _, _ = backprop_impl(net, params, x, y, masks)
+        J, grads, _, _ = core.backprop(net, params, x, y, masks)
         if config.l2 > 0:
             J = J + l2_penalty(params, config)
             grads = l2_grad(params, grads, config)
         return J, grads
 
     def J_tilde(p):
-        J = _cost_impl(net, p, x, y, masks)
+        J = core.cost(net, p, x, y, masks)
         return J + l2_penalty(p, config) if config.l2 > 0 else J
 
     return jax.value_and_grad(J_tilde)(params)
@@ -219,7 +219,7 @@ def apply_update(
 ) -> TrainState:
     """One update: plain SGD or the optax transformation, then weight decay."""
     params, opt_state = state
-    if optimizer is None:  # seed 001: theta <- theta - lr dJ/dtheta
+    if optimizer is None:  # eq. 19: theta <- theta - lr dJ/dtheta
         lr = config.learning_rate
         new = jax.tree.map(lambda p, g: p - lr * g, params, grads)
     else:
@@ -293,7 +293,12 @@ def run_epoch(net, config, optimizer, state: TrainState, X, Y, key, *, sharding=
 @functools.partial(
     jax.jit, static_argnums=(0, 1, 2), static_argnames="sharding", donate_argnums=3
 )
-def _run_epoch_jit(net, config, optimizer, state, X, Y, key, *, sharding=None):
+def run_epoch_jit(net, config, optimizer, state, X, Y, key, *, sharding=None):
+    """:func:`run_epoch` as one compiled call; ``state`` is donated.
+
+    ``net``, ``config`` (use ``config.step_part()``) and ``optimizer`` are
+    static; X and Y are prepared (see :func:`fnnet.core.prepare`).
+    """
     return run_epoch(net, config, optimizer, state, X, Y, key, sharding=sharding)
 
 
@@ -326,43 +331,96 @@ def epoch_key(base_key: Array, epoch: int) -> Array:
 # ------------------------------------------------------------------- evaluation
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _evaluate(net: MLP, params, X, Y):
-    """J and the metric on prepared arrays, in evaluation mode (no dropout)."""
-    a_list, z_list = forward_cache(net, params, X)
-    J = mean_loss(net, a_list, z_list, Y)
-    return J, _evaluate_output(net, z_list[-1], Y)
-
-
-def _evaluate_output(net: MLP, yhat: Array, Y: Array) -> Array:
-    """The metric of predictions yhat: accuracy, or R^2 averaged over targets."""
-    if net.loss == "cross_entropy":
-        labels = Y if jnp.issubdtype(Y.dtype, jnp.integer) else jnp.argmax(Y, -1)
-        predicted = jnp.argmax(yhat, axis=-1).astype(labels.dtype)
-        return jnp.mean(predicted == labels)
-    if net.loss == "bce":  # one or several independent binary labels
-        return jnp.mean((yhat > 0.5) == (Y > 0.5))
-    ss_res = jnp.sum(jnp.square(Y - yhat), axis=0)
-    ss_tot = jnp.sum(jnp.square(Y - jnp.mean(Y, axis=0, keepdims=True)), axis=0)
-    return jnp.mean(1.0 - ss_res / ss_tot)
-
-
-def metric_name(net: MLP) -> str:
-    """ "accuracy" for bce / cross_entropy networks, "r2" for mse ones."""
-    return "r2" if net.loss == "mse" else "accuracy"
+_evaluate = jax.jit(core.evaluate, static_argnums=0)
 
 
 def evaluate(net: MLP, params: Params, x, y) -> dict[str, float]:
     """The cost J and the metric (accuracy, or R^2 averaged over targets)."""
-    net._check_params(params)
-    x = net._check_x(x)
-    y = net._check_y(y, x)
-    return _evaluation_record(net, params, *_prepare(net, params, x, y))
+    x, y = net.validate(params, x, y)
+    return _evaluation_record(net, params, *core.prepare(net, params, x, y))
 
 
 def _evaluation_record(net, params, X, Y) -> dict[str, float]:
     J, m = _evaluate(net, params, X, Y)
     return {"loss": float(J), metric_name(net): float(m)}
+
+
+# ------------------------------------------------- verification during training
+
+#: Rows of the training set (the first ones) that the gradient check uses.
+GRAD_CHECK_ROWS = 256
+#: Prefix of the history keys of the gradient check.
+GRAD_CHECK_PREFIX = "grad_rel_err_"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def grad_check_errors(net: MLP, params: Params, x: Array, y: Array) -> Array:
+    """Per-layer relative error between the hand gradient and ``jax.grad``.
+
+    Compares :func:`fnnet.core.backprop` with ``jax.grad`` of
+    :func:`fnnet.core.cost` at ``params``, in evaluation mode: no dropout, no
+    input noise and no L2 penalty (those are the training step's additions to
+    the same cost, checked separately). The error of layer l is eq. 23,
+    ``||u - v|| / max(||u||, ||v||)`` (0 when both are 0), over all of that
+    layer's leaves together (W, b and a hidden block's parameters), computed
+    on the device in the parameters' dtype: the same number as
+    :func:`fnnet.relative_error` of the concatenated leaves, up to rounding.
+
+    One compiled function per network and batch shape (``net`` is static).
+
+    Args:
+      net: the network.
+      params: its parameters.
+      x, y: a prepared batch (see :func:`fnnet.core.prepare`).
+
+    Returns:
+      An array of shape (L,): the error of layers 1..L.
+    """
+    hand = core.backprop(net, params, x, y).grads
+    auto = jax.grad(lambda p: core.cost(net, p, x, y))(params)
+    errors = []
+    for h_layer, a_layer in zip(hand, auto, strict=True):
+        us, vs = jax.tree.leaves(h_layer), jax.tree.leaves(a_layer)
+        # Scale by the largest entry first, so the squares neither overflow
+        # nor underflow.
+        big = jnp.max(jnp.stack([jnp.max(jnp.abs(t)) for t in us + vs]))
+        safe = jnp.where(big > 0, big, jnp.ones_like(big))
+
+        def sq(ts, safe=safe):
+            return sum(jnp.sum(jnp.square(t / safe)) for t in ts)
+
+        diff = sq([u - v for u, v in zip(us, vs, strict=True)])
+        scale = jnp.maximum(sq(us), sq(vs))
+        errors.append(jnp.where(big > 0, jnp.sqrt(diff / scale), jnp.zeros_like(big)))
+    return jnp.stack(errors)
+
+
+def grad_check_columns(net: MLP) -> list[str]:
+    """The history keys a gradient check adds, layer 1..L, then the maximum."""
+    layers = [f"{GRAD_CHECK_PREFIX}layer{l}" for l in range(1, net.num_layers + 1)]
+    return [*layers, f"{GRAD_CHECK_PREFIX}max"]
+
+
+def grad_check_record(net: MLP, params: Params, x: Array, y: Array) -> dict:
+    """:func:`grad_check_errors` as history entries (one fetch from the device)."""
+    errors = np.asarray(grad_check_errors(net, params, x, y))
+    values = [*errors.tolist(), float(np.max(errors))]  # max: a NaN stays NaN
+    return dict(zip(grad_check_columns(net), values, strict=True))
+
+
+def grad_check_summary(history: list[dict[str, float]]) -> dict:
+    """What the checks of a run found, for its metrics.
+
+    Returns ``{"grad_check_max_rel_err": the largest per-layer error of every
+    check (None without checks), "grad_check_epochs": the checked epochs}``.
+    """
+    key = f"{GRAD_CHECK_PREFIX}max"
+    checked = [r for r in history if r.get(key) is not None]
+    worst = float(np.max([r[key] for r in checked])) if checked else None
+    return {
+        "grad_check_max_rel_err": worst,
+        "grad_check_epochs": [r["epoch"] for r in checked],
+    }
 
 
 # --------------------------------------------------------------------- fitting
@@ -392,6 +450,8 @@ def fit(
     resume: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     devices: int | Sequence[jax.Device] | None = None,
+    check_every: int | None = None,
+    checkpoint_info: dict | None = None,
 ) -> FitResult:
     """Train ``net`` from ``params`` on ``train``, watching ``val``.
 
@@ -412,6 +472,17 @@ def fit(
       devices: data-parallel training over this many devices (or these
         devices): each mini-batch is split along the batch axis, which must
         divide evenly; parameters are replicated. None: one device.
+      check_every: verify the hand gradient during training: after every
+        epoch e with ``e % check_every == 0``, compare it with ``jax.grad`` on
+        a fixed batch, the first ``min(GRAD_CHECK_ROWS, N)`` training rows, at
+        the current parameters and in evaluation mode (no dropout, no input
+        noise, no L2 penalty), and add the per-layer relative errors (eq. 23)
+        to that epoch's history record as ``grad_rel_err_layer1..L`` and
+        ``grad_rel_err_max`` (see :func:`grad_check_errors`; other epochs
+        have no such keys). None (the default): no check, no extra work.
+      checkpoint_info: JSON values stored with every checkpoint under
+        ``"info"`` (e.g. the settings that rebuild the network); not compared
+        on resume.
 
     Returns:
       A :class:`FitResult`: with early stopping (``config.patience``) its
@@ -421,14 +492,17 @@ def fit(
     """
     if config.patience is not None and val is None:
         raise ValueError("config.patience needs a validation split, got val=None")
-    net._check_params(params)
-    x_tr = net._check_x(train[0])
-    if x_tr.ndim != 2:
-        raise ValueError(f"train x must be a batch (N, D), got shape {x_tr.shape}")
-    X, Y = _prepare(net, params, x_tr, net._check_y(train[1], x_tr))
+    if check_every is not None and (
+        isinstance(check_every, bool)
+        or not isinstance(check_every, int)
+        or check_every < 1
+    ):
+        raise ValueError(
+            f"check_every must be a positive int or None, got {check_every!r}"
+        )
+    X, Y = core.prepare(net, params, *net.validate(params, *train, batch=True))
     if val is not None:
-        x_va = net._check_x(val[0])
-        val = _prepare(net, params, x_va, net._check_y(val[1], x_va))
+        val = core.prepare(net, params, *net.validate(params, *val))
     if optimizer is None:
         optimizer = make_optimizer(config)
     sharding = None
@@ -452,6 +526,8 @@ def fit(
         state, loop, base_key = _load(checkpoint, state, loop, base_key, config, net)
     if sharding is not None:
         state = jax.device_put(state, replicated)
+    if check_every is not None:
+        check_batch = (X[:GRAD_CHECK_ROWS], Y[:GRAD_CHECK_ROWS])
 
     metric = metric_name(net)
     step_config = config.step_part()
@@ -464,7 +540,7 @@ def fit(
             break
         epoch = loop.epoch + 1
         key = epoch_key(base_key, epoch)
-        state, batch_losses, ok = _run_epoch_jit(
+        state, batch_losses, ok = run_epoch_jit(
             net, step_config, optimizer, state, X, Y, key, sharding=sharding
         )
         if not bool(ok):
@@ -489,12 +565,14 @@ def fit(
             loop.best_params = _copy(state.params)
         else:
             loop.bad_epochs += 1
+        if check_every is not None and epoch % check_every == 0:
+            record.update(grad_check_record(net, state.params, *check_batch))
         loop.epoch = epoch
         loop.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
         if checkpoint is not None:
-            _save(checkpoint, state, loop, base_key, config, net)
+            _save(checkpoint, state, loop, base_key, config, net, checkpoint_info)
     seconds = time.perf_counter() - start
     return FitResult(
         params=loop.best_params if config.patience is not None else state.params,
@@ -524,7 +602,7 @@ class _Loop:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-def _save(path, state, loop, base_key, config, net):
+def _save(path, state, loop, base_key, config, net, info=None):
     tree = {"state": state, "best_params": loop.best_params, "key": base_key}
     meta = {
         "epoch": loop.epoch,
@@ -533,18 +611,19 @@ def _save(path, state, loop, base_key, config, net):
         "bad_epochs": loop.bad_epochs,
         "history": loop.history,
         "train_config": dataclasses.asdict(config),
-        "net": dataclasses.asdict(net),
+        "net": net.describe(),
     }
+    if info is not None:
+        meta["info"] = info
     ckpt.save(path, tree, meta)
 
 
 def _load(path, state, loop, base_key, config, net):
     meta = ckpt.load_meta(path)
     saved_net = meta.get("net")
-    if saved_net != json_roundtrip(dataclasses.asdict(net)):
+    if saved_net != json_roundtrip(net.describe()):
         raise ckpt.CheckpointError(
-            f"{path}: checkpoint is for network {saved_net}, "
-            f"not {dataclasses.asdict(net)}"
+            f"{path}: checkpoint is for network {saved_net}, not {net.describe()}"
         )
     saved = dict(meta.get("train_config", {}))
     ours = json_roundtrip(dataclasses.asdict(config))

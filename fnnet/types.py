@@ -1,7 +1,7 @@
 """Shared type aliases.
 
 Parameters are a pytree: a tuple with one ``{"W": (M_l, M_{l-1}), "b": (M_l,)}``
-dict per layer, l = 1..L (seed 000's notation: W is out x in).
+dict per layer, l = 1..L (docs/derivation.md#notation: W is out x in).
 """
 
 from __future__ import annotations

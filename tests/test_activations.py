@@ -111,7 +111,7 @@ def test_h_prime_matches_grad_of_jax_nn(name, dtype):
     )
 
 
-# h'(0) by definition (DERIVATION, "Activations and derivatives"), and the
+# h'(0) by definition (docs/derivation.md#activations), and the
 # conventions at the kinks: relu'(0) = 0 as jax.nn.relu, leaky_relu'(0) = slope
 # (strict a > 0 branch), elu'(0) = ELU_ALPHA e^0.
 AT_ZERO = {

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
+
+import fnnet
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "benchmark.py"
@@ -81,6 +84,23 @@ def test_quick_run_writes_csv_and_markdown(tmp_path):
     assert "compile 4-layer hand step" in md
     assert "no retracing" in md
 
+    # The pre-change baseline: timed against the library, or skipped with why
+    # (no git, a source tarball, a shallow clone).
+    baseline_rows = [r for r in rows if r["kind"] == "baseline"]
+    if "baseline skipped: " in proc.stdout:
+        assert not baseline_rows
+        assert "baseline skipped: " in md
+    else:
+        assert "== pre-change baseline" in proc.stdout
+        assert {r["workload"] for r in baseline_rows} == {"small", "medium"}
+        for r in baseline_rows:
+            assert r["implementation"].startswith("pre-change fnnet (")
+            assert r["implementation"].endswith(") hand epoch")
+            assert float(r["vs_hand_epoch"]) > 0
+            assert r["implementation"] in proc.stdout
+        for workload in ("small", "medium"):
+            assert f"{workload}: library hand epoch / pre-change (" in md
+
 
 def test_step_times_in_process():
     bench = _load_benchmark()
@@ -96,3 +116,56 @@ def test_step_products_count_the_flops():
     assert [p[0].split(" ")[0] for p in products] == ["A1", "dW1", "A2", "dW2", "D2"]
     expected = 2 * 256 * (3 * 512 * 10 + 2 * 784 * 512)
     assert bench.step_flops((784, 512, 10), 256) == expected
+
+
+def test_rename_imports_rewrites_every_form():
+    bench = _load_benchmark()
+    source = (
+        '"""Docs name fnnet.train and import fnnet in prose."""\n'
+        "from fnnet.network import (\n    MLP,\n)\n"
+        "from fnnet import checkpoint as ckpt\n"
+        "import fnnet\n"
+        "import fnnet.losses\n"
+        "import fnnet.data as fdata  # a comment\n"
+        "def f():\n    from fnnet.gradcheck import gradcheck\n"
+        "import fnnetwork\n"
+    )
+    out = bench.rename_imports(source, "fnnet_old")
+    assert out.splitlines() == [
+        '"""Docs name fnnet.train and import fnnet in prose."""',
+        "from fnnet_old.network import (",
+        "    MLP,",
+        ")",
+        "from fnnet_old import checkpoint as ckpt",
+        "import fnnet_old as fnnet",
+        "import fnnet_old.losses; import fnnet_old as fnnet",
+        "import fnnet_old.data as fdata  # a comment",
+        "def f():",
+        "    from fnnet_old.gradcheck import gradcheck",
+        "import fnnetwork",
+    ]
+
+
+def test_baseline_without_git_or_revision_says_why(tmp_path, monkeypatch):
+    bench = _load_benchmark()
+    # A reason to print after "baseline skipped: ", never a traceback.
+    with pytest.raises(RuntimeError, match="."):
+        bench.load_baseline("no-such-revision-0123")  # or a shallow clone
+    monkeypatch.setattr(bench, "REPO_ROOT", tmp_path)  # a tarball: no .git
+    with pytest.raises(RuntimeError, match="."):
+        bench.load_baseline("HEAD")
+
+
+def test_baseline_loads_apart_from_the_working_tree():
+    bench = _load_benchmark()
+    try:
+        baseline = bench.load_baseline(bench.BASELINE_REV)
+    except RuntimeError as e:  # no git, a tarball, a shallow clone
+        pytest.skip(f"baseline skipped: {e}")
+    assert bench.load_baseline(bench.BASELINE_REV) is baseline  # loaded once
+    assert baseline.package.__name__ == "fnnet_baseline"
+    assert baseline.package.MLP is not fnnet.MLP
+    modules = [m for n, m in sys.modules.items() if n.startswith("fnnet_baseline")]
+    assert any(m.__name__ == "fnnet_baseline.train" for m in modules)
+    for module in modules:  # none of it read from the working tree
+        assert not Path(module.__file__).resolve().is_relative_to(ROOT), module

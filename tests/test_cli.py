@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -46,6 +47,9 @@ def test_train_writes_every_result_file(tmp_path, capsys):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(rows[0])
     assert "test_accuracy=" in capsys.readouterr().out
+    # No --check-every: no gradient check columns or metrics.
+    assert not [k for k in rows[0] if k.startswith("grad_")]
+    assert not [k for k in m if k.startswith("grad_")]
 
 
 def test_regression_reports_r2(tmp_path):
@@ -140,6 +144,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 def test_resume_continues_bit_identically(tmp_path):
     flags = ["--quiet", "--hidden", "16", "--keep-prob", "0.9", "--patience", "50"]
+    flags += ["--check-every", "2"]  # kept by config.json, resumed with the run
     code, full = _run(tmp_path, *flags, "--epochs", "6", name="full")
     assert code == 0
     code, part = _run(tmp_path, *flags, "--epochs", "2", name="part")
@@ -153,6 +158,11 @@ def test_resume_continues_bit_identically(tmp_path):
     ma = json.loads((full / "metrics.json").read_text())
     mb = json.loads((part / "metrics.json").read_text())
     assert ma["test_accuracy"] == mb["test_accuracy"] and mb["epochs_run"] == 6
+    assert mb["grad_check_epochs"] == [2, 4, 6]
+    assert ma["grad_check_max_rel_err"] == mb["grad_check_max_rel_err"]
+    # The same columns in the same order, and the same values.
+    history = (full / "history.csv").read_text()
+    assert (part / "history.csv").read_text() == history
 
 
 def test_resume_of_a_folder_without_a_run_exits_2(tmp_path, capsys):
@@ -246,3 +256,107 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
     for name, value in reference.items():
         if "state" in name:
             np.testing.assert_array_equal(value, again[name])
+
+
+# ------------------------------------------------ verification during training
+
+
+def test_check_every_writes_history_columns_and_metrics(tmp_path):
+    code, out = _run(tmp_path, *FAST, "--check-every", "2")
+    assert code == 0
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    grad = ["grad_rel_err_layer1", "grad_rel_err_layer2", "grad_rel_err_max"]
+    assert list(rows[0])[-3:] == grad  # after the loss and metric columns
+    assert [r["grad_rel_err_max"] != "" for r in rows] == [False, True, False]
+    errors = [float(rows[1][k]) for k in grad]
+    assert max(errors) < 1e-4  # float32: hand and jax.grad agree to rounding
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["grad_check_max_rel_err"] == errors[-1]
+    assert m["grad_check_epochs"] == [2]
+    assert m["config"]["check_every"] == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two", "1.5"])
+def test_bad_check_every_exits_2(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path, "--quiet", "--check-every", value)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --check-every: must be a positive int" in err
+
+
+# ------------------------------------------------ user extensions by import spec
+
+SWISH_MODULE = """
+    import jax
+
+    import fnnet
+
+    swish = fnnet.Activation(
+        "swish",
+        lambda a: a * jax.nn.sigmoid(a),
+        lambda a: jax.nn.sigmoid(a) * (1 + a * jax.nn.sigmoid(-a)),
+    )
+    not_an_activation = len
+"""
+
+
+def _user_module(folder, name):
+    (folder / f"{name}.py").write_text(textwrap.dedent(SWISH_MODULE))
+
+
+@pytest.fixture
+def forget_user_modules():
+    """Drop the modules a test imported from its tmp_path."""
+    yield
+    for name in [n for n in sys.modules if n.startswith("fnnet_user_")]:
+        del sys.modules[name]
+
+
+def test_activation_from_an_import_spec_trains_and_resumes(
+    tmp_path, monkeypatch, forget_user_modules
+):
+    _user_module(tmp_path, "fnnet_user_swish")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = "fnnet_user_swish:swish"
+    flags = ["--data", "iris", "--activation", spec, "--hidden", "8", "--quiet"]
+    code, out = _run(tmp_path, *flags, "--epochs", "2", "--dtype", "float64")
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["activation"] == spec
+    meta = ckpt.load_meta(out / "checkpoint.npz")
+    assert meta["net"]["activation"] == "swish"  # the extension's name...
+    assert meta["info"]["settings"]["activation"] == spec  # ...and its spec
+    # --resume imports the same object again and continues the run.
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs_run"] == 3 and m["config"]["activation"] == spec
+
+
+@pytest.mark.parametrize(
+    ("flag", "spec", "message"),
+    [
+        ("--activation", "fnnet_no_such_module:swish", "cannot import module"),
+        ("--activation", "fnnet_user_bad:missing", "has no attribute 'missing'"),
+        ("--activation", "fnnet_user_bad:not_an_activation", "not an fnnet"),
+        ("--output", "fnnet_user_bad:not_an_activation", "not an fnnet.Activation"),
+        (
+            "--loss",
+            "fnnet_user_bad:swish",
+            "swish is of type Activation, not an fnnet.Loss",
+        ),
+        ("--loss", "fnnet_user_bad:", "an import spec is package.module:attribute"),
+        ("--output", "softmaxx", "--output 'softmaxx' is not supported"),
+    ],
+)
+def test_bad_import_spec_exits_2(
+    tmp_path, capsys, monkeypatch, forget_user_modules, flag, spec, message
+):
+    # The current directory is importable: the module is found there.
+    _user_module(tmp_path, "fnnet_user_bad")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # undo the cwd insertion
+    code, _ = _run(tmp_path, "--quiet", flag, spec)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"fnnet train: error: {flag} {spec!r}" in err
+    assert message in err

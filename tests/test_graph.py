@@ -1,4 +1,4 @@
-"""Tests for fnnet.graph: the scalar computational graph of seed 003.
+"""Tests for fnnet.graph: the scalar computational graph (docs/derivation.md eq. 22).
 
 The oracle is jax.grad of the same function written in jax.numpy, in float64.
 """
@@ -21,10 +21,10 @@ jax.config.update("jax_enable_x64", True)  # also set in conftest.py
 
 RTOL = 1e-12
 
-SEED_W = [[0.65, 1.19], [0.69, -0.92]]
-SEED_X = [0.2, 0.7]
-SEED_B = [0.0, 0.0]
-SEED_Y = [1.0, 0.0]
+EXAMPLE_W = [[0.65, 1.19], [0.69, -0.92]]
+EXAMPLE_X = [0.2, 0.7]
+EXAMPLE_B = [0.0, 0.0]
+EXAMPLE_Y = [1.0, 0.0]
 
 
 def f64(value):
@@ -40,7 +40,7 @@ def assert_close(ours, reference):
     np.testing.assert_allclose(ours, reference, rtol=RTOL, atol=0.0)
 
 
-# --- The seed's worked examples against jax.grad ---
+# --- The worked examples (docs/derivation.md#worked-examples) against jax.grad ---
 
 
 def test_linear_regression_matches_jax():
@@ -70,7 +70,7 @@ def softmax_cross_entropy(W, x, b, y):
 @pytest.mark.parametrize(
     "W, x, b, y",
     [
-        (SEED_W, SEED_X, SEED_B, SEED_Y),
+        (EXAMPLE_W, EXAMPLE_X, EXAMPLE_B, EXAMPLE_Y),
         ([[0.3, -1.2, 0.5], [2.0, 0.1, -0.4]], [1.0, -0.5, 0.25], [0.1, -0.2], [0, 1]),
         ([[0.5], [-1.0], [2.0]], [0.3], [0.0, 0.1, -0.1], [0.2, 0.5, 0.3]),
     ],
@@ -92,11 +92,11 @@ def test_softmax_regression_matches_jax(W, x, b, y):
 
 
 def test_softmax_regression_bias_derivative_is_yhat_minus_y():
-    """Seed 003: dL/db_1 = yhat_1 − y_1 for one-hot y (and dL/dz_i likewise)."""
-    nodes = graph.softmax_regression(SEED_W, SEED_X, SEED_B, SEED_Y)
+    """dL/db_1 = yhat_1 − y_1 for one-hot y (and dL/dz_i likewise): eq. 7."""
+    nodes = graph.softmax_regression(EXAMPLE_W, EXAMPLE_X, EXAMPLE_B, EXAMPLE_Y)
     grads = graph.backward(nodes["L"])
     for i in (1, 2):
-        expected = nodes[f"yhat{i}"].value - SEED_Y[i - 1]
+        expected = nodes[f"yhat{i}"].value - EXAMPLE_Y[i - 1]
         assert grads[nodes[f"b{i}"]] == pytest.approx(expected, rel=1e-12)
         assert grads[nodes[f"z{i}"]] == pytest.approx(expected, rel=1e-12)
     # z_1 = 0.65·0.2 + 1.19·0.7 = 0.963, z_2 = 0.69·0.2 − 0.92·0.7 = −0.506.

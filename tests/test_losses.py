@@ -1,7 +1,7 @@
 """Tests for fnnet.losses: values against optax, deltas against jax.grad.
 
 The output delta of every output/loss pair (the fused canonical ``yhat - y``
-and the general rules of eq. 12) is held against ``jax.grad`` of the
+and the general rules of eqs. 5 and 6) is held against ``jax.grad`` of the
 per-example loss with respect to the logits a^(L), including logits of 1e4.
 Cost conventions (mean over the batch, bce summed over units) and target forms
 are checked through :class:`fnnet.MLP`.

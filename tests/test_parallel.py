@@ -13,7 +13,7 @@ import pytest
 
 import fnnet
 from fnnet import ensemble, train
-from fnnet.network import _prepare
+from fnnet.core import prepare
 from fnnet.train import TrainConfig, batch_sharding
 
 # Runs in a fresh process: XLA_FLAGS must be set before JAX starts.
@@ -24,7 +24,7 @@ DATA_PARALLEL = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     import fnnet
     from fnnet import train
-    from fnnet.network import _prepare
+    from fnnet.core import prepare
     from fnnet.train import TrainConfig, fit
 
     rng = np.random.default_rng(0)
@@ -44,10 +44,10 @@ DATA_PARALLEL = textwrap.dedent(
         out[dtype + "_specs"] = sorted({str(v.sharding.spec)
                                         for v in jax.tree.leaves(many.params)})
     sh = train.batch_sharding(8)
-    X, Y = _prepare(net, p, x, y)
+    X, Y = prepare(net, p, x, y)
     opt = train.make_optimizer(cfg)
     state = train.init_state(p, opt)
-    hlo = train._run_epoch_jit.lower(net, cfg.step_part(), opt, state, X, Y,
+    hlo = train.run_epoch_jit.lower(net, cfg.step_part(), opt, state, X, Y,
                                      jax.random.key(0), sharding=sh).compile().as_text()
     out["all_reduce"] = "all-reduce" in hlo
     out["per_device_rows"] = "f32[8,10]" in hlo   # 64 rows / 8 devices
@@ -123,7 +123,7 @@ def test_ensemble_member_equals_its_single_run():
     cfg = TrainConfig(epochs=3, batch_size=16, learning_rate=0.1)
     params = ensemble.init_many(NET, jax.random.key(0), 4)
     many = ensemble.fit_many(NET, params, (x, y), cfg)
-    member_keys = ensemble._member_keys(cfg.seed, 4)
+    member_keys = ensemble.member_keys_for(cfg.seed, 4)
     for k in (0, 3):
         p = jax.tree.map(lambda leaf, k=k: leaf[k], params)
         single = _fit_with_key(p, x, y, cfg, member_keys[k])
@@ -134,11 +134,11 @@ def test_ensemble_member_equals_its_single_run():
 
 
 def _fit_with_key(params, x, y, cfg, base_key):
-    X, Y = _prepare(NET, params, x, y)
+    X, Y = prepare(NET, params, x, y)
     state = train.init_state(params, None)
     for epoch in range(1, cfg.epochs + 1):
         key = train.epoch_key(base_key, epoch)
-        state, _, _ = train._run_epoch_jit(NET, cfg.step_part(), None, state, X, Y, key)
+        state, _, _ = train.run_epoch_jit(NET, cfg.step_part(), None, state, X, Y, key)
     return state.params
 
 

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import fnnet
+from fnnet import backward, core, train
 from fnnet import checkpoint as ckpt
-from fnnet import train
 from fnnet.train import TrainConfig, TrainState, fit
 
 NET = fnnet.MLP((4, 8, 3), activation="tanh", output="softmax", loss="cross_entropy")
@@ -186,7 +186,7 @@ def test_input_noise_changes_the_batch_and_both_sources_agree():
 def test_an_epoch_is_one_compiled_call_that_does_not_retrace():
     cfg = TrainConfig(epochs=4, batch_size=16, learning_rate=0.05)
     fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
-    size = train._run_epoch_jit._cache_size()
+    size = train.run_epoch_jit._cache_size()
     fit(
         NET,
         _params(seed=1),
@@ -194,7 +194,7 @@ def test_an_epoch_is_one_compiled_call_that_does_not_retrace():
         (X_VA, Y_VA),
         dataclasses.replace(cfg, epochs=6),
     )
-    assert train._run_epoch_jit._cache_size() == size
+    assert train.run_epoch_jit._cache_size() == size
 
 
 def test_run_epoch_takes_every_full_batch_once():
@@ -234,6 +234,84 @@ def test_fit_leaves_the_callers_params_intact():
     before = jax.tree.map(np.array, params)
     fit(NET, params, (X_TR, Y_TR), None, TrainConfig(epochs=2))
     _assert_trees_equal(params, before)  # the epoch donates only its own copies
+
+
+# ------------------------------------------------ verification during training
+
+GRAD_KEYS = ["grad_rel_err_layer1", "grad_rel_err_layer2", "grad_rel_err_max"]
+
+
+def test_check_every_records_per_layer_errors_at_its_epochs():
+    cfg = TrainConfig(epochs=4, batch_size=16, learning_rate=0.1)
+    result = fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg, check_every=2)
+    assert train.grad_check_columns(NET) == GRAD_KEYS
+    for rec in result.history:
+        checked = [k for k in rec if k.startswith("grad_rel_err_")]
+        if rec["epoch"] % 2:
+            assert checked == []
+        else:
+            assert checked == GRAD_KEYS
+            errors = [rec[k] for k in GRAD_KEYS]
+            assert all(0 <= e < 1e-10 for e in errors)
+            assert rec["grad_rel_err_max"] == max(errors[:-1])
+    summary = train.grad_check_summary(result.history)
+    assert summary["grad_check_epochs"] == [2, 4]
+    assert summary["grad_check_max_rel_err"] == max(
+        r["grad_rel_err_max"] for r in result.history if "grad_rel_err_max" in r
+    )
+    # One compiled check per network and batch shape, reused by the next run.
+    size = train.grad_check_errors._cache_size()
+    fit(NET, _params(seed=1), (X_TR, Y_TR), None, cfg, check_every=1)
+    assert train.grad_check_errors._cache_size() == size
+
+
+def test_check_every_none_adds_no_keys_and_no_check(monkeypatch):
+    def fail(*args):
+        raise AssertionError("the gradient check ran with check_every=None")
+
+    monkeypatch.setattr(train, "grad_check_errors", fail)
+    result = fit(NET, _params(), (X_TR, Y_TR), None, TrainConfig(epochs=2))
+    assert all(not k.startswith("grad_rel_err_") for r in result.history for k in r)
+    assert train.grad_check_summary(result.history) == {
+        "grad_check_max_rel_err": None,
+        "grad_check_epochs": [],
+    }
+
+
+def test_check_every_catches_a_broken_hand_gradient(monkeypatch):
+    # A network used by no other test: its compiled epoch and check are traced
+    # afresh with the broken weight gradient (and not reused elsewhere).
+    net = fnnet.MLP(
+        (4, 11, 3), activation="tanh", output="softmax", loss="cross_entropy"
+    )
+    weight_grad = backward.weight_grad
+    monkeypatch.setattr(
+        backward, "weight_grad", lambda delta, z: 1.01 * weight_grad(delta, z)
+    )
+    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=0.1)
+    result = fit(net, _params(net), (X_TR, Y_TR), None, cfg, check_every=1)
+    for rec in result.history:
+        assert all(rec[k] > 1e-3 for k in GRAD_KEYS)
+    assert train.grad_check_summary(result.history)["grad_check_max_rel_err"] > 1e-3
+    # The last check is eq. 23 over each layer's leaves, as fnnet.relative_error
+    # gives it (the check ran on the final parameters, on the training rows).
+    params = result.state.params
+    x, y = core.prepare(net, params, X_TR, Y_TR)
+
+    @jax.jit
+    def hand_and_auto(p):  # traced under the patch: the broken hand gradient
+        auto = jax.grad(lambda q: core.cost(net, q, x, y))(p)
+        return core.backprop(net, p, x, y).grads, auto
+
+    hand, auto = hand_and_auto(params)
+    for l in range(2):
+        flat = [
+            np.concatenate([np.ravel(t) for t in g[l].values()]) for g in (hand, auto)
+        ]
+        expected = fnnet.relative_error(*flat)
+        np.testing.assert_allclose(
+            result.history[-1][GRAD_KEYS[l]], expected, rtol=1e-8
+        )
 
 
 # ------------------------------------------------------------ early stopping
@@ -292,16 +370,21 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, optimizer):
     cfg = TrainConfig(
         epochs=6, batch_size=16, learning_rate=0.05, optimizer=optimizer, patience=50
     )
-    full = fit(net, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
+    data = ((X_TR, Y_TR), (X_VA, Y_VA))
+    full = fit(net, _params(), *data, cfg, check_every=2)
     path = tmp_path / "run.npz"
     first = dataclasses.replace(cfg, epochs=2)
-    fit(net, _params(), (X_TR, Y_TR), (X_VA, Y_VA), first, checkpoint=path)
+    fit(net, _params(), *data, first, checkpoint=path, check_every=2)
     resumed = fit(
-        net, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg, checkpoint=path, resume=True
+        net, _params(), *data, cfg, checkpoint=path, resume=True, check_every=2
     )
     _assert_trees_equal(resumed.state, full.state)
     _assert_trees_equal(resumed.params, full.params)
     assert resumed.history == full.history and resumed.best_epoch == full.best_epoch
+    # The gradient checks (evaluation mode: no dropout) are in the history too.
+    summary = train.grad_check_summary(resumed.history)
+    assert summary["grad_check_epochs"] == [2, 4, 6]
+    assert summary["grad_check_max_rel_err"] < 1e-10
 
 
 def test_resume_rejects_a_checkpoint_of_other_settings(tmp_path):
@@ -354,6 +437,12 @@ def test_bad_training_data_is_rejected():
         fit(NET, _params(), (X_TR[:, :3], Y_TR))
     with pytest.raises(ValueError, match=r"labels outside \[0, 3\)"):
         fit(NET, _params(), (X_TR, Y_TR + 1))
+
+
+@pytest.mark.parametrize("check_every", [0, -2, 1.5, "2", True])
+def test_bad_check_every_is_rejected(check_every):
+    with pytest.raises(ValueError, match="check_every must be a positive int or None"):
+        fit(NET, _params(), (X_TR, Y_TR), None, check_every=check_every)
 
 
 def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):

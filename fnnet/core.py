@@ -1,0 +1,248 @@
+"""The functional core: trusted inputs, no checks, jit and vmap friendly.
+
+Every function here is pure and takes the network configuration ``net`` (an
+:class:`fnnet.MLP`, hashable and static under ``jax.jit``), the parameters
+and arrays. Nothing is validated: ``x`` is already in the parameters' dtype
+and ``y`` went through :func:`prepare`. Bad shapes give JAX's own errors or
+wrong numbers, so call these from code that validated its inputs once, at
+its boundary (:meth:`fnnet.MLP.validate` does that), or use the checked
+methods of :class:`fnnet.MLP`.
+
+The forward pass (docs/derivation.md eqs. 1, 2) keeps what the backward pass
+needs in a :class:`Trace`; :func:`backprop` runs the output/loss head
+(eqs. 5-7) and the hand-written delta recursion of :mod:`fnnet.backward`
+(eqs. 8-14). :func:`hand_cost` and :func:`hand_forward` register that
+backward pass as JAX's derivative (``jax.custom_vjp``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fnnet import backward as bw
+from fnnet import blocks, losses
+from fnnet.activations import output_fn
+from fnnet.types import Array, Grads, Params
+
+
+class Trace(NamedTuple):
+    """What the forward pass keeps for the backward pass.
+
+    a: pre-activations a^(1..L) (eq. 1); a[-1] are the logits.
+    z: z^(0..L): z[0] = x, z[l] the input of layer l + 1's affine block
+      (after dropout), z[L] = yhat (eq. 2).
+    caches: the hidden blocks' caches, one per hidden layer.
+    masks: the scaled dropout masks of the hidden layers, or None.
+    """
+
+    a: list
+    z: list
+    caches: list
+    masks: tuple | None
+
+
+class HandGrads(NamedTuple):
+    """What the hand-written backward pass returns."""
+
+    J: Array  # the cost
+    grads: Grads  # dJ/dparams, the structure of params
+    dx: Array | None  # dJ/dx when asked for
+    dy: Array | None  # dJ/dy when asked for (float targets only)
+
+
+def prepare(net, params: Params, x: Array, y: Array | None = None):
+    """Convert x and float y to the parameters' dtype; give y the output's shape.
+
+    Returns ``(x, y)`` (y None when not given). Integer labels stay integers.
+    """
+    dtype = params[0]["W"].dtype
+    x = jnp.asarray(x).astype(dtype)
+    if y is None:
+        return x, None
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(dtype)
+        if y.shape != (*x.shape[:-1], net.sizes[-1]):
+            y = y[..., None]  # (N,) or () targets of a single output unit
+    return x, y
+
+
+def dropout_masks(net, key: Array | None, batch: tuple[int, ...], dtype):
+    """Scaled masks m / p for every hidden layer (eq. 20), or None without a key."""
+    if key is None:
+        return None
+    p = net.keep_prob
+    keys = jax.random.split(key, net.num_layers - 1)
+    return tuple(
+        jax.random.bernoulli(k, p, (*batch, m)).astype(dtype) / jnp.asarray(p, dtype)
+        for k, m in zip(keys, net.sizes[1:-1], strict=True)
+    )
+
+
+def masks_for(net, key: Array | None, x: Array):
+    """:func:`dropout_masks` for the rows of a prepared ``x``."""
+    return dropout_masks(net, key, x.shape[:-1], x.dtype)
+
+
+def block_params(layer, block):
+    """The parameters of a hidden block in its layer's dict (None if it has none)."""
+    return layer[block.name] if block.init else None
+
+
+def forward_cache(net, params: Params, x: Array, masks=None) -> Trace:
+    """Forward pass through every layer's blocks, keeping the :class:`Trace`.
+
+    Args:
+      net: the configuration.
+      params: the parameters.
+      x: (M_0,) or (N, M_0) input, already in the parameters' dtype.
+      masks: optional scaled dropout masks of the hidden layers.
+    """
+    a_list, z_list, caches = [], [x], []
+    z = x
+    hidden = net.hidden_blocks
+    for l, layer in enumerate(params):
+        a = blocks.affine(layer["W"], layer["b"], z)  # eq. 1
+        if l < len(hidden):
+            block = hidden[l]
+            z, cache = block.forward(block_params(layer, block), a)  # eq. 2
+            caches.append(cache)
+            if masks is not None:
+                z = blocks.DROPOUT.forward(masks[l], z)[0]  # eq. 20
+        else:
+            z = output_fn(net.output)(a)
+        a_list.append(a)
+        z_list.append(z)
+    return Trace(a_list, z_list, caches, masks)
+
+
+def forward(net, params: Params, x: Array, masks=None) -> Array:
+    """yhat = z^(L) for a prepared x."""
+    return forward_cache(net, params, x, masks).z[-1]
+
+
+def mean_loss(net, trace: Trace, y: Array) -> Array:
+    """J = mean of L_i over the batch (eq. 3), from a forward pass's trace."""
+    return jnp.mean(losses.per_example_loss(net.loss, trace.a[-1], trace.z[-1], y))
+
+
+def cost(net, params: Params, x: Array, y: Array, masks=None) -> Array:
+    """J for prepared x and y: the function ``jax.grad`` differentiates."""
+    return mean_loss(net, forward_cache(net, params, x, masks), y)
+
+
+def backprop(
+    net,
+    params: Params,
+    x: Array,
+    y: Array,
+    masks=None,
+    input_grad: bool = False,
+    target_grad: bool = False,
+) -> HandGrads:
+    """J and its gradients by the hand-written backward pass.
+
+    One example (x of shape (M_0,)) uses outer products; a batch (N, M_0) the
+    matrix form, with every row's delta divided by N (eqs. 12-14).
+
+    Args:
+      net, params: the network.
+      x, y: prepared (see :func:`prepare`).
+      masks: scaled dropout masks (training mode) or None.
+      input_grad: also return dJ/dx (eq. 11).
+      target_grad: also return dJ/dy for float targets.
+    """
+    trace = forward_cache(net, params, x, masks)
+    J = mean_loss(net, trace, y)
+    head = blocks.head(net.output, net.loss)
+    dy, delta_L = head.backward(y, (trace.a[-1], trace.z[-1]), 1.0)  # eqs. 5-7
+    grads, dx = bw.backward(params, trace, delta_L, net.hidden_blocks, input_grad)
+    return HandGrads(J, grads, dx, dy if target_grad else None)
+
+
+def per_example_grads(net, params: Params, x: Array, y: Array):
+    """L_i (N,) and per-example gradients (leading axis N on every leaf).
+
+    ``jax.vmap`` of the single-example hand-written backward pass over the
+    rows of prepared x and y.
+    """
+
+    def one(xi, yi):
+        J, grads, _, _ = backprop(net, params, xi, yi)
+        return J, grads
+
+    return jax.vmap(one)(x, y)
+
+
+# --- the hand backward as JAX's derivative (jax.custom_vjp) -----------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def hand_cost(net, params: Params, x: Array, y: Array, masks) -> Array:
+    """J (prepared x, y) whose derivative is the hand-written backward pass."""
+    return cost(net, params, x, y, masks)
+
+
+def _hand_cost_fwd(net, params, x, y, masks):
+    J, grads, dx, dy = backprop(net, params, x, y, masks, True, True)
+    return J, (grads, dx, dy)
+
+
+def _hand_cost_bwd(net, res, g):
+    grads, dx, dy = res
+    scale = lambda t: None if t is None else g * t  # noqa: E731
+    return jax.tree.map(scale, grads), scale(dx), scale(dy), None
+
+
+hand_cost.defvjp(_hand_cost_fwd, _hand_cost_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def hand_forward(net, params: Params, x: Array) -> Array:
+    """yhat (prepared x) whose VJP is the general output rule + delta recursion."""
+    return forward(net, params, x)
+
+
+def _hand_forward_fwd(net, params, x):
+    trace = forward_cache(net, params, x)
+    return trace.z[-1], (params, trace)
+
+
+def _hand_forward_bwd(net, res, g):
+    params, trace = res
+    delta_L = losses.output_delta_from_grad(net.output, trace.a[-1], trace.z[-1], g)
+    return bw.backward(params, trace, delta_L, net.hidden_blocks, True)
+
+
+hand_forward.defvjp(_hand_forward_fwd, _hand_forward_bwd)
+
+
+# --- evaluation --------------------------------------------------------------
+
+
+def metric_name(net) -> str:
+    """ "accuracy" for bce / cross_entropy networks, "r2" for the others."""
+    return "accuracy" if net.loss in ("bce", "cross_entropy") else "r2"
+
+
+def metric(net, yhat: Array, y: Array) -> Array:
+    """The metric of predictions yhat: accuracy, or R^2 averaged over targets."""
+    if net.loss == "cross_entropy":
+        labels = y if jnp.issubdtype(y.dtype, jnp.integer) else jnp.argmax(y, -1)
+        predicted = jnp.argmax(yhat, axis=-1).astype(labels.dtype)
+        return jnp.mean(predicted == labels)
+    if net.loss == "bce":  # one or several independent binary labels
+        return jnp.mean((yhat > 0.5) == (y > 0.5))
+    ss_res = jnp.sum(jnp.square(y - yhat), axis=0)
+    ss_tot = jnp.sum(jnp.square(y - jnp.mean(y, axis=0, keepdims=True)), axis=0)
+    return jnp.mean(1.0 - ss_res / ss_tot)
+
+
+def evaluate(net, params: Params, x: Array, y: Array):
+    """(J, metric) for prepared arrays, in evaluation mode (no dropout)."""
+    trace = forward_cache(net, params, x)
+    return mean_loss(net, trace, y), metric(net, trace.z[-1], y)
