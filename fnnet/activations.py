@@ -35,6 +35,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from fnnet.types import check_extension
+
 Array = jax.Array
 
 #: Slope of leaky ReLU for a <= 0 (same default as ``jax.nn.leaky_relu``).
@@ -75,16 +77,7 @@ class Activation:
     h_prime: Callable[[Array], Array]
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise TypeError(
-                f"Activation name must be a non-empty str, got {self.name!r}"
-            )
-        for field in ("h", "h_prime"):
-            if not callable(getattr(self, field)):
-                raise TypeError(
-                    f"Activation {self.name!r}: {field} must be callable, got "
-                    f"{getattr(self, field)!r}"
-                )
+        check_extension("Activation", self, ("h", "h_prime"))
 
     #: An activation has no parameters.
     init = None

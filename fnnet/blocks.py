@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from fnnet import backward as bw
 from fnnet import losses
 from fnnet.activations import name_of, output_fn
-from fnnet.types import Array
+from fnnet.types import Array, check_extension
 
 #: Parameter keys of the affine block; a user block's name must differ from them.
 AFFINE_KEYS = ("W", "b")
@@ -83,22 +83,11 @@ class Block:
     init: Callable[[Array, int, Any], Any] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"Block name must be a non-empty str, got {self.name!r}")
+        check_extension("Block", self, ("forward", "backward"), ("init",))
         if self.name in AFFINE_KEYS:
             raise ValueError(
                 f"Block name {self.name!r} clashes with the layer's {AFFINE_KEYS} "
                 "keys; choose another name"
-            )
-        for field in ("forward", "backward"):
-            if not callable(getattr(self, field)):
-                raise TypeError(
-                    f"Block {self.name!r}: {field} must be callable, got "
-                    f"{getattr(self, field)!r}"
-                )
-        if self.init is not None and not callable(self.init):
-            raise TypeError(
-                f"Block {self.name!r}: init must be callable or None, got {self.init!r}"
             )
 
 

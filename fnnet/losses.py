@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from fnnet.activations import ACTIVATIONS, Activation
+from fnnet.types import check_extension
 
 Array = jax.Array
 
@@ -82,19 +83,7 @@ class Loss:
     target_grad: Callable[[Array, Array], Array] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"Loss name must be a non-empty str, got {self.name!r}")
-        for field in ("value", "grad"):
-            if not callable(getattr(self, field)):
-                raise TypeError(
-                    f"Loss {self.name!r}: {field} must be callable, got "
-                    f"{getattr(self, field)!r}"
-                )
-        if self.target_grad is not None and not callable(self.target_grad):
-            raise TypeError(
-                f"Loss {self.name!r}: target_grad must be callable or None, got "
-                f"{self.target_grad!r}"
-            )
+        check_extension("Loss", self, ("value", "grad"), ("target_grad",))
 
 
 def get(spec: str | Loss) -> str | Loss:

@@ -17,3 +17,28 @@ Layer = Mapping[str, Array]
 Params = Sequence[Layer]
 #: Gradients: the same structure as Params.
 Grads = Sequence[Layer]
+
+
+def check_extension(kind: str, ext, required: tuple, optional: tuple = ()) -> None:
+    """Check a user extension's fields: a non-empty name and callable functions.
+
+    Args:
+      kind: "Activation", "Loss" or "Block", for the message.
+      ext: the extension (a frozen dataclass with a ``name``).
+      required: fields that must be callable.
+      optional: fields that must be callable or None.
+
+    Raises:
+      TypeError: naming the extension, the field and what it got.
+    """
+    if not isinstance(ext.name, str) or not ext.name:
+        raise TypeError(f"{kind} name must be a non-empty str, got {ext.name!r}")
+    for field in (*required, *optional):
+        value = getattr(ext, field)
+        if field in optional and value is None:
+            continue
+        if not callable(value):
+            extra = " or None" if field in optional else ""
+            raise TypeError(
+                f"{kind} {ext.name!r}: {field} must be callable{extra}, got {value!r}"
+            )
