@@ -37,14 +37,21 @@ import pathlib
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "load", "load_meta", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "load",
+    "load_meta",
+    "save",
+    "write_atomically",
+]
 
 #: Version written by :func:`save`; :func:`load` reads the versions listed in
 #: ``_SUPPORTED_VERSIONS``.
@@ -207,6 +214,32 @@ def save(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> pathli
     arrays[_HEADER] = _encode_json(header)
     arrays[_META] = _encode_json(dict(meta))
 
+    return write_atomically(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
+
+
+def write_atomically(
+    path: str | os.PathLike, write: Callable[[BinaryIO], None]
+) -> pathlib.Path:
+    """Writes a file whole or not at all: a temporary file, fsync, then rename.
+
+    ``write(f)`` fills a temporary file opened for binary writing in the
+    target's directory; the file is flushed, fsynced and ``os.replace``-d onto
+    ``path``, so a kill at any moment leaves the previous file (or none) or
+    the new one, never a partial one. :func:`save` writes checkpoints with it.
+
+    Args:
+      path: destination file; missing parent directories are created. An
+        existing file keeps its permission bits; a new one gets the umask's.
+      write: called once with the open binary file.
+
+    Returns:
+      The path written, as a ``pathlib.Path``.
+
+    Raises:
+      Whatever ``write`` or the file system raises; the previous file at
+      ``path``, if any, is untouched and no temporary file is left.
+    """
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = path.stat().st_mode & 0o777  # an overwrite keeps the file's mode
@@ -218,7 +251,7 @@ def save(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> pathli
     tmp = pathlib.Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, allow_pickle=False, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp made it 0600
