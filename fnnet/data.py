@@ -31,6 +31,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -87,12 +88,14 @@ class Dataset:
       num_outputs: K classes, or T targets.
       classes: original labels in label order (label k is ``classes[k]``);
         ``()`` for regression.
-      x_mean: (D,) float32 training-split feature means.
-      x_std: (D,) float32 training-split feature standard deviations (1 for
+      x_mean: (D,) float64 training-split feature means: the exact values
+        the splits were scaled with (in float64, then rounded to float32), so
+        :meth:`scale_x` of raw training rows gives ``x_train`` bit for bit.
+      x_std: (D,) float64 training-split feature standard deviations (1 for
         constant columns).
-      y_mean: (T,) float32 training-split target means; (0,) for
+      y_mean: (T,) float64 training-split target means; (0,) for
         classification.
-      y_std: (T,) float32 training-split target standard deviations; (0,) for
+      y_std: (T,) float64 training-split target standard deviations; (0,) for
         classification.
     """
 
@@ -157,7 +160,7 @@ class Dataset:
                 f"y_std_units must end in the {self.num_outputs} target(s) of "
                 f"{self.name!r}; got shape {y.shape}"
             )
-        return y * self.y_std + self.y_mean
+        return (y * self.y_std + self.y_mean).astype(np.float32)
 
     def __repr__(self) -> str:
         return (
@@ -908,8 +911,247 @@ def load_dataset(
         num_features=x.shape[1],
         num_outputs=num_outputs,
         classes=classes,
-        x_mean=f32(x_mean),
-        x_std=f32(x_std),
-        y_mean=f32(y_mean),
-        y_std=f32(y_std),
+        x_mean=x_mean,
+        x_std=x_std,
+        y_mean=y_mean,
+        y_std=y_std,
     )
+
+
+# --------------------------------------------------------------------------
+# New rows for a trained model
+# --------------------------------------------------------------------------
+
+
+class CsvColumns(NamedTuple):
+    """Where the features and the target of a training CSV are.
+
+    Args:
+      features: the feature columns' header names in file order, or None when
+        the file has no header row.
+      target: the target column's header name, or None without a header.
+      target_index: the target column's index, counted from 0.
+      width: the number of columns.
+    """
+
+    features: list[str] | None
+    target: str | None
+    target_index: int
+    width: int
+
+
+def csv_columns(path, *, target=None) -> CsvColumns:
+    """The column layout :func:`load_csv` reads from a file, with the same rules.
+
+    Args:
+      path: the ``.csv`` file.
+      target: as for :func:`load_csv`.
+
+    Returns:
+      A :class:`CsvColumns`.
+
+    Raises:
+      DataError: the file cannot be read, or ``target`` names no column.
+    """
+    path = os.fspath(path)
+    _check_file(path)
+    rows, lines = _read_csv_rows(path)
+    width = len(rows[0])
+    if isinstance(target, str):
+        header = [cell.strip() for cell in rows[0]]
+        if target not in header:
+            raise DataError(
+                f"{path}: target column {target!r} not found in the header "
+                f"{header} (line {lines[0]})"
+            )
+        t = header.index(target)
+    else:
+        t = _column_index(target, width, path)
+        header = [c.strip() for c in rows[0]] if _looks_like_header(rows, t) else None
+    if header is None:
+        return CsvColumns(None, None, t, width)
+    features = [name for j, name in enumerate(header) if j != t]
+    return CsvColumns(features, header[t], t, width)
+
+
+def label_indices(y, classes: Sequence, source: str, *, where=None) -> np.ndarray:
+    """A model's class labels, as the user wrote them, to its indices 0..K-1.
+
+    The inverse of :func:`encode_labels` for a model trained with ``classes``:
+    string classes match text exactly; integer classes match integer-valued
+    numbers, or text that reads as one (``"3"``, ``"3.0"``).
+
+    Args:
+      y: (N,) labels: strings or numbers.
+      classes: the model's K labels, label k being ``classes[k]``.
+      source: the file or argument name, for messages.
+      where: row index -> its position in the source (default ``"row i"``).
+
+    Returns:
+      (N,) int32 indices into ``classes``.
+
+    Raises:
+      DataError: a label is not one of ``classes`` (or not 1-D).
+    """
+    y = np.asarray(y)
+    where = where or (lambda i: f"row {i}")
+    if y.ndim != 1:
+        raise DataError(f"{source}: labels must be 1-D (N,); got shape {y.shape}")
+    lookup = {c: k for k, c in enumerate(classes)}
+    strings = all(isinstance(c, str) for c in classes)
+    values, inverse = np.unique(y, return_inverse=True)
+    codes = np.empty(len(values), np.int32)
+    for u, value in enumerate(values):
+        key = str(value) if strings else _as_int_label(value)
+        if key not in lookup:
+            i = int(np.flatnonzero(inverse.reshape(-1) == u)[0])
+            raise DataError(
+                f"{source}: label {_label_repr(value)} at {where(i)} is not one of "
+                f"the {len(classes)} classes the model was trained on: "
+                f"{list(classes)[:20]}"
+            )
+        codes[u] = lookup[key]
+    return codes[inverse.reshape(-1)]
+
+
+def _as_int_label(value):
+    """An integer label from a number or its text, or None when it is not one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number != round(number):
+        return None
+    return int(number)
+
+
+def _label_repr(value) -> str:
+    return repr(str(value)) if isinstance(value, (str, np.str_)) else repr(value.item())
+
+
+def load_csv_features(
+    path,
+    *,
+    num_features: int,
+    feature_names: Sequence[str] | None = None,
+    target: str | None = None,
+    target_index: int | None = None,
+    classes: Sequence | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """New rows for a trained model: its feature columns, and the target if present.
+
+    With a header row and the training file's ``feature_names``, columns are
+    matched by name (in any order; the target column is optional; any other
+    column is an error). Otherwise by position: ``num_features`` columns, or
+    ``num_features + 1`` with the target at ``target_index``. A header row of
+    a model trained without names is skipped.
+
+    Args:
+      path: the ``.csv`` file.
+      num_features: D, the model's input width.
+      feature_names: the training file's feature names in training order, or
+        None.
+      target: the training file's target column name, or None.
+      target_index: the target column's position in a file with D + 1
+        columns (None: files must have exactly D columns).
+      classes: the model's class labels (classification); None for
+        regression.
+
+    Returns:
+      ``(x, y)``: x (N, D) float64 in training column order; y None without
+      a target column, else (N,) int32 class indices (``classes`` given) or
+      (N,) float64 targets.
+
+    Raises:
+      DataError: unreadable or ragged file, no data rows, wrong number of
+        columns, an unknown, missing or repeated column name, an empty,
+        non-numeric, NaN or infinite cell, or an unknown class label; the
+        message names the line and column.
+    """
+    path = os.fspath(path)
+    _check_file(path)
+    rows, lines = _read_csv_rows(path)
+    width = len(rows[0])
+    for row, line in zip(rows, lines, strict=True):
+        if len(row) != width:
+            raise DataError(
+                f"{path}: ragged rows: line {line} has {len(row)} cells, "
+                f"expected {width} (as on line {lines[0]})"
+            )
+    D = num_features
+    first = [cell.strip() for cell in rows[0]]
+    text_at = [j for j, c in enumerate(first) if _float_or_none(c) is None]
+    # A text cell makes the first row a header, except a text label in the
+    # target column of a file without one.
+    has_header = bool(text_at) and not (
+        width == D + 1 and target_index is not None and text_at == [target_index]
+    )
+    header = first if has_header else None
+    if has_header:
+        rows, lines = rows[1:], lines[1:]
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+
+    if header is not None and feature_names is not None:
+        columns, t = _columns_by_name(header, list(feature_names), target, path)
+    else:
+        layout = f"{D} feature columns"
+        if target_index is not None:
+            layout += f", or {D + 1} with the target in column {target_index}"
+        if width == D:
+            columns, t = list(range(D)), None
+        elif width == D + 1 and target_index is not None:
+            columns = [j for j in range(width) if j != target_index]
+            t = target_index
+        else:
+            raise DataError(
+                f"{path}: wrong number of columns: {width} on line {lines[0]}; the "
+                f"model takes {layout}"
+            )
+
+    def where(i, j):
+        name = f" ({header[j]!r})" if header is not None else ""
+        return f"line {lines[i]}, column {j}{name}"
+
+    x = np.empty((len(rows), D), dtype=np.float64)
+    for i, row in enumerate(rows):
+        for k, j in enumerate(columns):
+            x[i, k] = _parse_cell(row[j], path, lambda i=i, j=j: where(i, j))
+    if t is None:
+        return x, None
+    if classes is None:
+        y = np.empty(len(rows), dtype=np.float64)
+        for i, row in enumerate(rows):
+            y[i] = _parse_cell(row[t], path, lambda i=i: where(i, t))
+        return x, y
+    cells = [row[t].strip() for row in rows]
+    for i, cell in enumerate(cells):
+        if cell == "":
+            raise DataError(f"{path}: empty target cell at {where(i, t)}")
+    y = label_indices(
+        np.asarray(cells, dtype=str), classes, path, where=lambda i: where(i, t)
+    )
+    return x, y
+
+
+def _columns_by_name(header, feature_names, target, path):
+    """Feature column indices in training order, and the target's (or None)."""
+    known = [*feature_names, *([target] if target is not None else [])]
+    unknown = [c for c in header if c not in known]
+    if unknown:
+        raise DataError(
+            f"{path}: column(s) {unknown} not among those the model was trained "
+            f"on: features {feature_names}"
+            + (f" and target {target!r}" if target is not None else "")
+        )
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise DataError(f"{path}: column(s) {repeated} appear more than once")
+    missing = [c for c in feature_names if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}: missing feature column(s) {missing}; the model was trained "
+            f"on {feature_names}"
+        )
+    t = header.index(target) if target in header else None
+    return [header.index(c) for c in feature_names], t
