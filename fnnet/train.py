@@ -650,3 +650,45 @@ def _load(path, state, loop, base_key, config, net):
 def json_roundtrip(obj):
     """obj as it reads back from JSON (tuples become lists)."""
     return json.loads(json.dumps(obj))
+
+
+def load_fit_params(path: str | Path, net: MLP, dtype) -> tuple[Params, dict]:
+    """The parameters :func:`fit` returns, read back from its checkpoint.
+
+    The parameters of the best validation epoch when the run used early
+    stopping (``patience``), otherwise those of the last epoch saved: the
+    ones ``fit`` returned, or would have returned had it been stopped after
+    that epoch. Works for finished and interrupted runs alike.
+
+    Args:
+      path: a checkpoint written by ``fit(..., checkpoint=path)`` with its
+        default optimizer (the one ``config.optimizer`` names).
+      net: the network the run trained.
+      dtype: its parameters' dtype.
+
+    Returns:
+      ``(params, meta)``: the parameters and the checkpoint's meta dict.
+
+    Raises:
+      CheckpointError: the file is missing, corrupt, or was written for
+        another network or optimizer.
+    """
+    meta = ckpt.load_meta(path)
+    if meta.get("net") != json_roundtrip(net.describe()):
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint is for network {meta.get('net')}, not {net.describe()}"
+        )
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = meta.get("train_config")
+    if not isinstance(saved, dict):
+        raise ckpt.CheckpointError(f"{path}: no training settings in its meta")
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    optimizer = make_optimizer(config)
+    key = jax.random.key(0)
+    params = jax.eval_shape(lambda: net.init(key, dtype))
+    state = jax.eval_shape(lambda: init_state(net.init(key, dtype), optimizer))
+    template = {"state": state, "best_params": params, "key": key}
+    tree, meta = ckpt.load(path, template)
+    if config.patience is not None:
+        return tree["best_params"], meta
+    return tree["state"].params, meta
