@@ -9,7 +9,8 @@ checked by :func:`verify`.
 Layout, in the order data flows: ``data`` -> the functional core
 (``activations``, ``losses``, ``blocks``, ``backward``, ``core``) -> the
 checked front (``network.MLP``) -> ``train``, ``ensemble``, ``gradcheck``,
-``verify`` -> ``cli`` and ``experiments/``.
+``verify`` -> ``run`` (a run folder as a model: :func:`load_run`) -> ``cli``
+and ``experiments/``.
 """
 
 from fnnet.activations import ACTIVATIONS, ELU_ALPHA, LEAKY_SLOPE, Activation
@@ -33,6 +34,17 @@ __all__ = [
     "Loss",
     "VerifyReport",
     "gradcheck",
+    "load_run",
     "relative_error",
     "verify",
 ]
+
+
+def __getattr__(name: str):
+    # load_run pulls in the training stack (optax); import it on first use so
+    # that `import fnnet` stays light.
+    if name == "load_run":
+        from fnnet.run import load_run
+
+        return load_run
+    raise AttributeError(f"module 'fnnet' has no attribute {name!r}")

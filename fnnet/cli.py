@@ -1,4 +1,6 @@
-"""Command line: ``fnnet train`` and ``fnnet gradcheck`` (also ``python -m fnnet``).
+"""Command line: ``fnnet train``, ``gradcheck``, ``predict``, ``evaluate``, ``export``.
+
+Also ``python -m fnnet``.
 
 With no flags ``fnnet train`` trains a 64-128-10 ReLU network on
 scikit-learn's bundled digits in a few seconds and writes its results to
@@ -36,6 +38,13 @@ from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, Activation
 from fnnet.blocks import Block
 from fnnet.losses import LOSSES, Loss
 from fnnet.network import MLP
+from fnnet.run import (
+    CHECKPOINT_FILE,
+    export_safetensors,
+    load_run,
+    model_info,
+    predictions_csv,
+)
 from fnnet.train import (
     GRADS,
     OPTIMIZERS,
@@ -49,7 +58,6 @@ from fnnet.train import (
 
 CONFIG_FILE = "config.json"
 DEFAULT_EPOCHS = 200
-CHECKPOINT_FILE = "checkpoint.npz"
 
 # Exit codes: 0 success, 2 bad usage or bad input (argparse's convention),
 # 3 training stopped on a non-finite loss.
@@ -242,12 +250,156 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=16, help="examples in the batch")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     c.add_argument("--seed", type=int, default=0, help="seed for params and data")
+    _add_model_commands(sub)
     return parser
+
+
+def _add_model_commands(sub) -> None:
+    """fnnet predict / evaluate / export: use a run folder as a model."""
+    run_help = "run folder written by fnnet train (finished or interrupted)"
+    data_help = (
+        "CSV of raw rows: the training file's columns, matched by header name "
+        "(any order) or by position"
+    )
+    p = sub.add_parser(
+        "predict",
+        help="predict on new rows with a trained run",
+        description=(
+            "Predict on the rows of a CSV with the network of a run folder. The "
+            "CSV holds the training data's feature columns, with or without the "
+            "target column; with it, the metrics are printed too. Writes one "
+            "row per input row, in input order: the prediction (labels as in the "
+            "training data, regression values in its units) and, for "
+            "classifiers, the probability p_<label> of each class."
+        ),
+    )
+    p.add_argument("--run", required=True, metavar="DIR", help=run_help)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument(
+        "--out", default=None, help="predictions CSV (default: standard output)"
+    )
+    e = sub.add_parser(
+        "evaluate",
+        help="metrics of a trained run on a labelled CSV",
+        description=(
+            "Loss and accuracy (or R^2 and RMSE in the target's units) of a run "
+            "on the rows of a CSV that includes the target column; prints them "
+            "and writes them as JSON."
+        ),
+    )
+    e.add_argument("--run", required=True, metavar="DIR", help=run_help)
+    e.add_argument("--data", required=True, help=data_help + ", with the target")
+    e.add_argument(
+        "--out", default=None, help="metrics JSON (default DIR/evaluation-<data>.json)"
+    )
+    x = sub.add_parser(
+        "export",
+        help="write a run's weights and preprocessing for other frameworks",
+        description=(
+            "Write the network's weights (layer<l>.W, layer<l>.b) and the "
+            "preprocessing (x_mean, x_std; y_mean, y_std for regression) as "
+            "tensors, with the network, classes and column names as metadata."
+        ),
+    )
+    x.add_argument("--run", required=True, metavar="DIR", help=run_help)
+    x.add_argument(
+        "--format",
+        choices=("safetensors",),
+        default="safetensors",
+        help="file format (default safetensors)",
+    )
+    x.add_argument(
+        "--out", default=None, help="output file (default DIR/model.safetensors)"
+    )
+
+
+def _read_rows(run, path: str):
+    """Features and (if present) targets of a CSV for ``run``, checked."""
+    if Path(path).suffix.lower() != ".csv":
+        raise fdata.DataError(f"--data {path}: expected a .csv file")
+    x, y = fdata.load_csv_features(
+        path,
+        num_features=run.num_features,
+        feature_names=run.features,
+        target=run.target,
+        target_index=run.target_index,
+        classes=run.classes if run.task == "classification" else None,
+    )
+    if y is not None and run.task == "classification":
+        y = np.asarray(run.classes)[y]  # evaluate takes labels as written
+    return x, y
+
+
+def _metrics_line(metrics: dict) -> str:
+    return " ".join(
+        f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in metrics.items()
+    )
+
+
+def _predict(args) -> int:
+    run = load_run(args.run)
+    x, y = _read_rows(run, args.data)
+    text = predictions_csv(run, x)
+    report = sys.stdout
+    if args.out is None:
+        sys.stdout.write(text)
+        report = sys.stderr  # keep standard output a clean CSV
+    else:
+        ckpt.write_atomically(args.out, lambda f: f.write(text.encode("utf-8")))
+        print(f"{len(x)} predictions -> {args.out}")
+    if y is not None:
+        print(_metrics_line(run.evaluate(x, y)), file=report)
+    return 0
+
+
+def _evaluate(args) -> int:
+    run = load_run(args.run)
+    x, y = _read_rows(run, args.data)
+    if y is None:
+        name = repr(run.target) if run.target else f"in column {run.target_index}"
+        raise fdata.DataError(
+            f"--data {args.data}: no target column ({name}); evaluate needs the "
+            "targets (fnnet predict predicts without them)"
+        )
+    metrics = run.evaluate(x, y)
+    out = Path(args.out or Path(args.run) / f"evaluation-{Path(args.data).stem}.json")
+    record = {**metrics, "data": str(args.data), "run": str(args.run)}
+    text = json.dumps(record, indent=2) + "\n"
+    ckpt.write_atomically(out, lambda f: f.write(text.encode("utf-8")))
+    print(f"{_metrics_line(metrics)} -> {out}")
+    return 0
+
+
+def _export(args) -> int:
+    run = load_run(args.run)
+    out = export_safetensors(run, args.out or Path(args.run) / "model.safetensors")
+    print(f"{out}")
+    return 0
+
+
+def _model_record(s: dict, ds, net: MLP) -> dict:
+    """The run's model record (fnnet.run.model_info): what prediction needs."""
+    network = net.describe()
+    acts = s["activation"].split(",")  # import specs as typed, for extensions
+    network["activation"] = acts if len(acts) > 1 else acts[0]
+    network["output"] = s["output"] or network["output"]
+    network["loss"] = s["loss"] or network["loss"]
+    columns = None
+    if str(s["data"]).lower().endswith(".csv"):
+        columns = fdata.csv_columns(s["data"], target=_target(s["target"]))
+    return model_info(ds, network, s["dtype"], columns)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"train": _train, "gradcheck": _gradcheck}[args.command]
+    run = {
+        "train": _train,
+        "gradcheck": _gradcheck,
+        "predict": _predict,
+        "evaluate": _evaluate,
+        "export": _export,
+    }[args.command]
     try:
         return run(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
@@ -388,7 +540,7 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
         on_epoch=on_epoch,
         devices=s.get("devices"),
         check_every=s["check_every"],
-        checkpoint_info={"settings": s},
+        checkpoint_info={"settings": s, "model": _model_record(s, ds, net)},
     )
     if bar is not None:
         bar.close()
