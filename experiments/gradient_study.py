@@ -35,6 +35,7 @@ from fnnet.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
 from fnnet.core import forward_cache
 from fnnet.gradcheck import DEFAULT_EPS, relative_error
 from fnnet.network import MLP
+from fnnet.precision import CHECK_PRECISION
 
 # --- the grid ---------------------------------------------------------------
 ACTS = HIDDEN_ACTIVATIONS  # the 8 hidden activations
@@ -48,6 +49,9 @@ PAIRS = (  # (output activation, loss, output units)
 )
 DTYPES = ("float32", "float64")
 N_IN, BATCH, DIRECTIONS, SEED = 8, 16, 16, 0
+# Every network's matrix products: "highest", so that float32 comparisons
+# measure the derivation, not TF32's rounding on an NVIDIA GPU.
+PRECISION = CHECK_PRECISION
 # --- side experiments ---------------------------------------------------------
 EPS_GRID = tuple(float(10.0**e) for e in np.arange(-12, 0.5, 0.5))
 SCALES = (0.1, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -145,7 +149,7 @@ def compare(net, params, x, y, eps, key):
 def grid_case(i, act, depth, width, out, loss, n_out, dt):
     """Network, parameters and batch of grid entry i."""
     dtype = jnp.dtype(dt)
-    net = MLP((N_IN, *[width] * depth, n_out), act, out, loss)
+    net = MLP((N_IN, *[width] * depth, n_out), act, out, loss, precision=PRECISION)
     key = jax.random.fold_in(jax.random.key(SEED), i)
     k_init, k_data = jax.random.split(key)
     return (net, net.init(k_init, dtype), *data(k_data, n_out, loss, dtype))
@@ -236,7 +240,13 @@ def jit_rows(acts, pairs, progress):
     cases = list(itertools.product(acts, pairs, DTYPES))
     for act, (out, loss, n_out), dt in progress(cases, "gradient jit"):
         dtype = jnp.dtype(dt)
-        net = MLP((N_IN, JIT_WIDTH, JIT_WIDTH, JIT_WIDTH, n_out), act, out, loss)
+        net = MLP(
+            (N_IN, JIT_WIDTH, JIT_WIDTH, JIT_WIDTH, n_out),
+            act,
+            out,
+            loss,
+            precision=PRECISION,
+        )
         k_init, k_data = jax.random.split(jax.random.key(SEED + 4))
         params = net.init(k_init, dtype)
         x, y = data(k_data, n_out, loss, dtype)
@@ -260,7 +270,9 @@ def eps_rows(eps_grid, progress, acts=("tanh", "relu")):
     cases = list(itertools.product(acts, DTYPES))
     for act, dt in progress(cases, "gradient eps sweep"):
         dtype = jnp.dtype(dt)
-        net = MLP((N_IN, 32, 32, 3), act, "softmax", "cross_entropy")
+        net = MLP(
+            (N_IN, 32, 32, 3), act, "softmax", "cross_entropy", precision=PRECISION
+        )
         k_init, k_data = jax.random.split(jax.random.key(SEED + 1))
         params = net.init(k_init, dtype)
         x, y = data(k_data, 3, "cross_entropy", dtype)
@@ -285,7 +297,7 @@ def saturation_rows(scales, progress, acts=("sigmoid", "tanh")):
     cases = list(itertools.product(acts, DTYPES, scales))
     for act, dt, scale in progress(cases, "gradient saturation"):
         dtype = jnp.dtype(dt)
-        net = MLP((N_IN, 32, 32, 32, 2), act, "identity", "mse")
+        net = MLP((N_IN, 32, 32, 32, 2), act, "identity", "mse", precision=PRECISION)
         k_init, k_data = jax.random.split(jax.random.key(SEED + 2))
         params = net.init(k_init, dtype)
         x, y = data(k_data, 2, "mse", dtype, scale=scale)
@@ -315,7 +327,7 @@ def kink_rows(offsets, progress):
     rows = []
     cases = list(itertools.product(("relu", "softplus"), offsets))
     for act, offset in progress(cases, "gradient ReLU kink"):
-        net = MLP((4, 8, 1), act, "identity", "mse")
+        net = MLP((4, 8, 1), act, "identity", "mse", precision=PRECISION)
         k_init, k_x = jax.random.split(jax.random.key(SEED + 3))
         params = net.init(k_init, jnp.float64)
         x = jax.random.normal(k_x, (4,), jnp.float64)
@@ -556,7 +568,8 @@ def write_markdown(out, rows, eps, sat, kink, jit, dg, quick):
         + f"; float32 and float64. Batch of {BATCH} examples, {N_IN} inputs "
         "x ~ N(0, 1), default initialisation. Per layer l, rel(u, v) = "
         "||u - v|| / max(||u||, ||v||) over (W^(l), b^(l)); FD is central, along "
-        f"{DIRECTIONS} random unit directions per layer, step eps = "
+        f"{DIRECTIONS} random unit directions per layer, matrix products at "
+        f"precision {PRECISION!r} on {jax.default_backend()}, step eps = "
         f"`fnnet.gradcheck.DEFAULT_EPS` ({e64:g} in float64, {e32:g} in float32), "
         "computed in the parameters' dtype.",
         "",

@@ -22,40 +22,57 @@ layer); only the two lines that differ are written twice, in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from fnnet import precision as mp
 from fnnet.types import Array, Grads, Params
 
 
-def propagate(W: Array, delta: Array) -> Array:
-    """W^T delta for one example; Delta W for rows (the same product, eq. 11)."""
-    return delta @ W
+def propagate(W: Array, delta: Array, precision=None) -> Array:
+    """W^T delta for one example; Delta W for rows (the same product, eq. 11).
+
+    ``precision``: the product's precision, a name of
+    :data:`fnnet.precision.PRECISIONS` or a ``jax.lax.Precision`` (None: the
+    platform default).
+    """
+    return jnp.matmul(delta, W, precision=precision)
 
 
-def weight_grad(delta: Array, z_prev: Array) -> Array:
-    """dL/dW^(l) = delta^(l) z^(l-1)^T (eq. 9); Delta^T Z summed over rows (eq. 14)."""
-    if delta.ndim == 1:
+def weight_grad(delta: Array, z_prev: Array, precision=None) -> Array:
+    """dL/dW^(l) = delta^(l) z^(l-1)^T (eq. 9); Delta^T Z summed over rows (eq. 14).
+
+    ``precision``: the product's precision, a name of
+    :data:`fnnet.precision.PRECISIONS` or a ``jax.lax.Precision`` (None: the
+    platform default).
+    """
+    if delta.ndim == 1:  # elementwise products, exact whatever the precision
         return jnp.outer(delta, z_prev)
     return jax.lax.platform_dependent(
-        delta, z_prev, cpu=_transposed_then_product, default=_batch_contraction
+        delta,
+        z_prev,
+        cpu=functools.partial(_transposed_then_product, precision=precision),
+        default=functools.partial(_batch_contraction, precision=precision),
     )
 
 
-def _batch_contraction(delta: Array, z_prev: Array) -> Array:
+def _batch_contraction(delta: Array, z_prev: Array, precision=None) -> Array:
     # Delta^T Z as one dot_general contracting the batch axes.
-    return jax.lax.dot_general(delta, z_prev, (((0,), (0,)), ((), ())))
+    return jax.lax.dot_general(delta, z_prev, (((0,), (0,)), ((), ())), precision)
 
 
-def _transposed_then_product(delta: Array, z_prev: Array) -> Array:
+def _transposed_then_product(delta: Array, z_prev: Array, precision=None) -> Array:
     # XLA:CPU sends a product that contracts axis 0 of both operands to a
     # slower kernel than (M_l, N) @ (N, M_{l-1}); materialising Delta^T first
     # (the barrier stops XLA from folding the transpose back into the product)
     # measured about 5% faster per training step on 784-512-512-10, batch 256.
-    return jax.lax.optimization_barrier(delta.T) @ z_prev
+    return jnp.matmul(
+        jax.lax.optimization_barrier(delta.T), z_prev, precision=precision
+    )
 
 
 def bias_grad(delta: Array) -> Array:
@@ -65,7 +82,9 @@ def bias_grad(delta: Array) -> Array:
     return jnp.sum(delta, axis=0)
 
 
-def affine_backward(layer, z_prev: Array, delta: Array, need_dx: bool = True):
+def affine_backward(
+    layer, z_prev: Array, delta: Array, need_dx: bool = True, precision=None
+):
     """The affine block's backward (eq. 15): ({"W": dW, "b": db}, W^T delta).
 
     Args:
@@ -74,9 +93,10 @@ def affine_backward(layer, z_prev: Array, delta: Array, need_dx: bool = True):
       delta: the upstream gradient dL/da^(l), shaped like a^(l).
       need_dx: compute the input gradient (False for the first layer, when
         nobody asked for dL/dx).
+      precision: the precision of both products (see :func:`propagate`).
     """
-    grads = {"W": weight_grad(delta, z_prev), "b": bias_grad(delta)}
-    return grads, propagate(layer["W"], delta) if need_dx else None
+    grads = {"W": weight_grad(delta, z_prev, precision), "b": bias_grad(delta)}
+    return grads, propagate(layer["W"], delta, precision) if need_dx else None
 
 
 def dropout_backward(mask: Array, cache: Any, dz: Array):
@@ -90,6 +110,7 @@ def backward(
     delta_L: Array,
     hidden: Sequence,
     input_grad: bool = False,
+    precision: str | None = None,
 ) -> tuple[Grads, Array | None]:
     """Back-propagate delta^(L) through every layer's blocks, last to first.
 
@@ -103,6 +124,10 @@ def backward(
         when rows are a batch whose cost is the mean (eq. 13).
       hidden: the hidden layers' blocks (Activations or user blocks).
       input_grad: also return dL/dx = W^(1)^T delta^(1) (eq. 11).
+      precision: the network's matrix-product precision, a name of
+        :data:`fnnet.precision.PRECISIONS` or None (the platform default):
+        the affine blocks' products get it as an argument, a user block's
+        products through :func:`fnnet.precision.scope`.
 
     Returns:
       ``(grads, dx)``: grads with the structure of ``params``; dx is None
@@ -114,7 +139,7 @@ def backward(
     dx = None
     for l in reversed(range(L)):  # layer l + 1 in the derivation's numbering
         layer_grads, dz = affine_backward(
-            params[l], trace.z[l], delta, need_dx=l > 0 or input_grad
+            params[l], trace.z[l], delta, l > 0 or input_grad, precision
         )
         grads[l].update(layer_grads)
         if l == 0:
@@ -124,7 +149,8 @@ def backward(
             dz = dropout_backward(trace.masks[l - 1], None, dz)[1]
         block = hidden[l - 1]
         block_params = params[l - 1].get(block.name) if block.init else None
-        d_block, delta = block.backward(block_params, trace.caches[l - 1], dz)
+        with mp.scope(precision):
+            d_block, delta = block.backward(block_params, trace.caches[l - 1], dz)
         if block.init:
             grads[l - 1][block.name] = d_block
     # Same containers as params (tuple or list of dicts), for custom_vjp and optax.

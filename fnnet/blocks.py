@@ -91,12 +91,17 @@ class Block:
             )
 
 
-def affine(W: Array, b: Array, z: Array) -> Array:
-    """a = W z + b (eq. 1) for one example; A = Z W^T + b for rows (eq. 12)."""
+def affine(W: Array, b: Array, z: Array, precision=None) -> Array:
+    """a = W z + b (eq. 1) for one example; A = Z W^T + b for rows (eq. 12).
+
+    ``precision``: the product's precision, a name of
+    :data:`fnnet.precision.PRECISIONS` or a ``jax.lax.Precision`` (None: the
+    platform default).
+    """
     if z.ndim == 1:
-        return W @ z + b
+        return jnp.matmul(W, z, precision=precision) + b
     # Z W^T as one dot_general contracting the feature axes: no transposed copy.
-    ZWt = jax.lax.dot_general(z, W, (((1,), (1,)), ((), ())))
+    ZWt = jax.lax.dot_general(z, W, (((1,), (1,)), ((), ())), precision)
     return ZWt + b[None, :]
 
 

@@ -38,6 +38,7 @@ from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, Activation
 from fnnet.blocks import Block
 from fnnet.losses import LOSSES, Loss
 from fnnet.network import MLP
+from fnnet.precision import CHECK_PRECISION, PRECISIONS
 from fnnet.run import (
     CHECKPOINT_FILE,
     export_safetensors,
@@ -150,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dtype", choices=("float32", "float64"), default="float32", help="precision"
     )
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="matrix-product precision: default (TF32 for float32 on NVIDIA "
+        "GPUs, fastest), high, or highest (full float32); CPUs compute float32 "
+        "in float32 whatever the choice (None: the platform default)",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
@@ -249,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--batch", type=int, default=16, help="examples in the batch")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    c.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=CHECK_PRECISION,
+        help="matrix-product precision of the three gradients (default "
+        "highest: a float32 check at TF32 would measure TF32, not the "
+        "derivation)",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed for params and data")
     _add_model_commands(sub)
     return parser
@@ -431,7 +448,7 @@ def _run_gradcheck(args) -> int:
     else:
         y = jax.random.uniform(k_y, (args.batch, K), dtype)
     print(f"network {net}")
-    print(gradcheck(net, params, x, y))
+    print(gradcheck(net, params, x, y, precision=args.precision))
     return 0
 
 
@@ -442,6 +459,7 @@ def _settings(args) -> dict:
         if args.epochs is not None:
             saved["epochs"] = args.epochs
         saved.setdefault("check_every", None)  # a config from before the flag
+        saved.setdefault("precision", None)  # likewise
         if args.check_every is not None:
             saved["check_every"] = args.check_every
         saved["quiet"] = args.quiet
@@ -696,6 +714,7 @@ def _network(s: dict, ds, activation, output, loss):
         output=output,
         loss=loss,
         keep_prob=s["keep_prob"],
+        precision=s.get("precision"),
     )
     return (net, *ys)
 

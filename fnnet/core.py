@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from fnnet import backward as bw
 from fnnet import blocks, losses
+from fnnet import precision as mp
 from fnnet.activations import output_fn
 from fnnet.types import Array, Grads, Params
 
@@ -106,10 +107,11 @@ def forward_cache(net, params: Params, x: Array, masks=None) -> Trace:
     z = x
     hidden = net.hidden_blocks
     for l, layer in enumerate(params):
-        a = blocks.affine(layer["W"], layer["b"], z)  # eq. 1
+        a = blocks.affine(layer["W"], layer["b"], z, net.precision)  # eq. 1
         if l < len(hidden):
             block = hidden[l]
-            z, cache = block.forward(block_params(layer, block), a)  # eq. 2
+            with mp.scope(net.precision):  # a user block's own products
+                z, cache = block.forward(block_params(layer, block), a)  # eq. 2
             caches.append(cache)
             if masks is not None:
                 z = blocks.DROPOUT.forward(masks[l], z)[0]  # eq. 20
@@ -160,7 +162,9 @@ def backprop(
     J = mean_loss(net, trace, y)
     head = blocks.head(net.output, net.loss)
     dy, delta_L = head.backward(y, (trace.a[-1], trace.z[-1]), 1.0)  # eqs. 5-7
-    grads, dx = bw.backward(params, trace, delta_L, net.hidden_blocks, input_grad)
+    grads, dx = bw.backward(
+        params, trace, delta_L, net.hidden_blocks, input_grad, net.precision
+    )
     return HandGrads(J, grads, dx, dy if target_grad else None)
 
 
@@ -215,7 +219,7 @@ def _hand_forward_fwd(net, params, x):
 def _hand_forward_bwd(net, res, g):
     params, trace = res
     delta_L = losses.output_delta_from_grad(net.output, trace.a[-1], trace.z[-1], g)
-    return bw.backward(params, trace, delta_L, net.hidden_blocks, True)
+    return bw.backward(params, trace, delta_L, net.hidden_blocks, True, net.precision)
 
 
 hand_forward.defvjp(_hand_forward_fwd, _hand_forward_bwd)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnnet import core
+from fnnet import precision as mp
 from fnnet.network import MLP
 from fnnet.types import Array, Params
 
@@ -69,6 +70,8 @@ class GradcheckReport:
     rows: tuple[LeafCheck, ...]
     dtype: str
     eps: float
+    #: The matrix-product precision both gradients were computed at.
+    precision: str = "platform default"
 
     def worst(self, column: str = "hand_vs_auto") -> float:
         """Largest relative error of a column over every leaf (nan-free columns)."""
@@ -82,8 +85,8 @@ class GradcheckReport:
             f"{'hand-auto':>9}  {'hand-fd':>9}  {'auto-fd':>9}  fd"
         )
         lines = [
-            f"gradcheck ({self.dtype}, fd eps={self.eps:g}); "
-            "rel(u, v) = ||u - v|| / max(||u||, ||v||)"
+            f"gradcheck ({self.dtype}, fd eps={self.eps:g}); matmul precision "
+            f"{self.precision}; rel(u, v) = ||u - v|| / max(||u||, ||v||)"
         ]
         lines += [head, "-" * len(head)]
         for r in self.rows:
@@ -115,6 +118,7 @@ def gradcheck(
     max_fd_coords: int = 1024,
     directions: int = 16,
     fd_key: Array | None = None,
+    precision=mp.CHECK_PRECISION,
 ) -> GradcheckReport:
     """Compare hand-written, automatic and finite-difference gradients of J.
 
@@ -128,11 +132,16 @@ def gradcheck(
       max_fd_coords: leaves with at most this many entries get full FD.
       directions: number of random directions for larger leaves.
       fd_key: PRNG key of those directions (default: key 0).
+      precision: the matrix-product precision of all three methods (see
+        :mod:`fnnet.precision`): "highest" by default, so that a float32
+        check on a GPU measures the derivation and not TF32's rounding; pass
+        ``net.precision`` to check the network as it trains.
 
     Returns:
       A :class:`GradcheckReport` with one row per (layer, leaf).
     """
     x, y = net.validate(params, x, y, key=key)
+    net = dataclasses.replace(net, precision=mp.check(precision))
     dtype = jnp.dtype(params[0]["W"].dtype)
     eps = float(DEFAULT_EPS.get(dtype, 1e-3) if eps is None else eps)
     fd_key = jax.random.key(0) if fd_key is None else fd_key
@@ -169,7 +178,7 @@ def gradcheck(
                     fd=mode,
                 )
             )
-    return GradcheckReport(tuple(rows), str(dtype), eps)
+    return GradcheckReport(tuple(rows), str(dtype), eps, mp.describe(net.precision))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
@@ -203,8 +212,12 @@ def _compare(net, params, x, y, key, fd_key, eps, fd, max_fd_coords, directions)
             else:
                 V = _unit_directions(k, directions, leaf)
                 est = jax.lax.map(functools.partial(_fd_along, J_at, leaf, eps), V)
-                proj_hand = jnp.tensordot(V, flat_hand[l][name], axes=leaf.ndim)
-                proj_auto = jnp.tensordot(V, flat_auto[l][name], axes=leaf.ndim)
+                proj_hand = jnp.tensordot(
+                    V, flat_hand[l][name], leaf.ndim, precision=net.precision
+                )
+                proj_auto = jnp.tensordot(
+                    V, flat_auto[l][name], leaf.ndim, precision=net.precision
+                )
                 out[name] = (est, proj_hand, proj_auto, False)
         fd_out.append(out)
     return flat_hand, flat_auto, fd_out

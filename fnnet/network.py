@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnnet import activations, blocks, core, losses
+from fnnet import precision as mp
 from fnnet.activations import Activation, name_of
 from fnnet.blocks import Block
 from fnnet.core import dropout_masks, forward_cache  # noqa: F401  (public here too)
@@ -66,6 +67,14 @@ class MLP:
         outputs (1.0: no dropout). Dropout is applied only when a ``key`` is
         passed to ``forward``/``cost``/``backprop``; without one the network
         is in evaluation mode.
+      precision: the precision of every matrix product of the forward and
+        backward passes (and so of ``jax.grad`` of :meth:`cost`): None (the
+        platform default, which follows ``jax_default_matmul_precision``),
+        ``"default"`` (fastest: TF32 for float32 on NVIDIA GPUs),
+        ``"high"``, ``"highest"`` (full float32), or a
+        ``jax.lax.Precision``, stored by its name. It matters for float32
+        on GPUs and TPUs; CPUs compute float32 products in float32 whatever
+        the choice. See :mod:`fnnet.precision`.
 
     Example::
 
@@ -80,6 +89,7 @@ class MLP:
     output: str | Activation = "identity"
     loss: str | Loss = "mse"
     keep_prob: float = 1.0
+    precision: str | jax.lax.Precision | None = None
 
     def __post_init__(self):
         sizes = self.sizes
@@ -136,6 +146,7 @@ class MLP:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise ValueError(f"keep_prob must be a float in (0, 1], got {p!r}")
         object.__setattr__(self, "keep_prob", float(p))
+        object.__setattr__(self, "precision", mp.check(self.precision))
 
     # ----------------------------------------------------------------- structure
 
@@ -168,9 +179,13 @@ class MLP:
         return tuple(dict.fromkeys(found))
 
     def describe(self) -> dict:
-        """The configuration as JSON-able values (extensions by their names)."""
+        """The configuration as JSON-able values (extensions by their names).
+
+        ``"precision"`` appears only when it was set (not None), so the
+        description of a network with the platform default is unchanged.
+        """
         act = self.activation
-        return {
+        described = {
             "sizes": list(self.sizes),
             "activation": [name_of(a) for a in act]
             if isinstance(act, tuple)
@@ -179,6 +194,9 @@ class MLP:
             "loss": name_of(self.loss),
             "keep_prob": self.keep_prob,
         }
+        if self.precision is not None:
+            described["precision"] = self.precision
+        return described
 
     # ---------------------------------------------------------------- public API
 

@@ -135,6 +135,7 @@ def build_network(network: dict) -> MLP:
         output=_resolve(network["output"]),
         loss=_resolve(network["loss"]),
         keep_prob=network["keep_prob"],
+        precision=network.get("precision"),  # absent: the platform default
     )
 
 

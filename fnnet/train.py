@@ -47,6 +47,7 @@ from fnnet import checkpoint as ckpt
 from fnnet import core
 from fnnet.core import metric_name
 from fnnet.network import MLP
+from fnnet.precision import CHECK_PRECISION
 from fnnet.types import Array, Grads, Params
 
 GRADS = ("hand", "auto")
@@ -360,7 +361,9 @@ def grad_check_errors(net: MLP, params: Params, x: Array, y: Array) -> Array:
     Compares :func:`fnnet.core.backprop` with ``jax.grad`` of
     :func:`fnnet.core.cost` at ``params``, in evaluation mode: no dropout, no
     input noise and no L2 penalty (those are the training step's additions to
-    the same cost, checked separately). The error of layer l is eq. 23,
+    the same cost, checked separately), with every matrix product at
+    precision "highest" (:data:`fnnet.precision.CHECK_PRECISION`). The
+    error of layer l is eq. 23,
     ``||u - v|| / max(||u||, ||v||)`` (0 when both are 0), over all of that
     layer's leaves together (W, b and a hidden block's parameters), computed
     on the device in the parameters' dtype: the same number as
@@ -376,6 +379,9 @@ def grad_check_errors(net: MLP, params: Params, x: Array, y: Array) -> Array:
     Returns:
       An array of shape (L,): the error of layers 1..L.
     """
+    # At "highest" precision whatever the network trains with: on an NVIDIA
+    # GPU a float32 comparison at TF32 would measure TF32's rounding.
+    net = dataclasses.replace(net, precision=CHECK_PRECISION)
     hand = core.backprop(net, params, x, y).grads
     auto = jax.grad(lambda p: core.cost(net, p, x, y))(params)
     errors = []
