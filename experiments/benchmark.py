@@ -1116,8 +1116,10 @@ def compile_section(
     state = fresh_state(params)
     key = jax.random.key(SEED)
     times: dict[str, list[float]] = {}
-    for _ in range(repeats):
-        for grad in ("hand", "auto"):
+    for r in range(repeats):
+        # Alternate which compiles first, so neither pays more of the
+        # process's warm-up than the other.
+        for grad in ("hand", "auto") if r % 2 == 0 else ("auto", "hand"):
             cfg = config(COMPILE_BATCH, grad)
             jobs = {
                 f"{grad} step": lambda cfg=cfg: jax.jit(
@@ -1415,6 +1417,238 @@ def write_outputs(
     return csv_path, md_path
 
 
+# ---------------------------------------------- the accelerator: precision
+
+
+class AccelWorkload(NamedTuple):
+    sizes: tuple[int, ...]
+    batch: int
+    batches: int
+    repeats: int
+
+
+#: GPU-sized workloads (the issue's table), timed at each precision. Chosen
+#: when JAX's backend is a GPU, or with --gpu-workloads anywhere.
+GPU_WORKLOADS = {
+    "small": AccelWorkload((64, 64, 10), 32, 256, 21),
+    "medium": AccelWorkload((784, 512, 512, 10), 256, 64, 21),
+    "large": AccelWorkload((784, 2048, 2048, 10), 512, 32, 15),
+    "xl": AccelWorkload((784, 4096, 4096, 4096, 10), 4096, 4, 9),
+}
+#: --gpu-workloads --quick: the same code path in seconds (a CPU test runs it).
+QUICK_GPU_WORKLOADS = {
+    "small": AccelWorkload((64, 64, 10), 32, 16, 3),
+    "wide": AccelWorkload((64, 256, 256, 10), 128, 2, 3),
+}
+#: The precisions compared, each with its PyTorch counterpart:
+#: "default" (TF32 products on NVIDIA GPUs) against torch with
+#: ``torch.backends.cuda.matmul.allow_tf32 = True``, "highest" (float32)
+#: against torch with it False.
+ACCEL_PRECISIONS = {"default": True, "highest": False}
+RATE_SIZE, QUICK_RATE_SIZE = 8192, 256
+RATE_ROUNDS = 5
+
+
+def matmul_rate(n: int, precision: str, rounds: int = RATE_ROUNDS) -> float:
+    """Best FLOP/s of an n x n x n float32 product at ``precision``, on JAX's device.
+
+    The card's measured rate at that precision: what a training step's
+    products could reach at best.
+    """
+    rng = np.random.default_rng(2)
+    a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+    b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+    f = jax.jit(functools.partial(jnp.matmul, precision=precision))
+    block(f(a, b))
+    best = np.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        block(f(a, b))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def torch_device(torch) -> tuple[str | None, str]:
+    """(torch device on JAX's device kind, or None; why not)."""
+    plat = jax.devices()[0].platform
+    if plat == "cpu":
+        return "cpu", ""
+    if plat == "gpu" and torch.cuda.is_available():
+        return "cuda", ""
+    return None, f"JAX runs on {plat} but this torch has no CUDA device"
+
+
+def torch_precision_runner(torch, wl, params, X, Y, allow_tf32: bool):
+    """:func:`torch_runner` with TF32 products allowed or not (set every call)."""
+    run = torch_runner(
+        torch, Workload(wl.sizes, wl.batch, wl.batches, 1), params, X, Y, threads()
+    )
+
+    def timed():
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32  # process-wide
+        run()
+
+    return timed
+
+
+def accelerator_section(workloads: dict, torch, quick: bool) -> tuple[list[str], dict]:
+    """fnnet at each precision against PyTorch at the matching one; % of the rate.
+
+    Returns (markdown lines, results). Per workload and precision: the hand
+    epoch and the jax.grad epoch (one compiled call each), PyTorch eager on
+    the same device with TF32 allowed or not, all timed in interleaved
+    rounds; ms per step, TFLOP/s, % of the device's measured product rate at
+    that precision, and hand / jax.grad as the median of per-round ratios
+    with its 95% interval.
+    """
+    n = QUICK_RATE_SIZE if quick else RATE_SIZE
+    rates = {
+        p: matmul_rate(n, p, 2 if quick else RATE_ROUNDS) for p in ACCEL_PRECISIONS
+    }
+    for p, r in rates.items():
+        print(f"   {n}^3 float32 product at precision {p!r}: {r / 1e12:.3f} TFLOP/s")
+    dev, why = (
+        (None, "torch is not installed") if torch is None else torch_device(torch)
+    )
+    if dev is None:
+        print(f"[skip] PyTorch on the device: {why}")
+    results: dict = {"rates": rates, "rate_size": n, "workloads": {}}
+    lines = [
+        "| workload | implementation | precision | step ms | TFLOP/s | % of rate |",
+        "|---|---|---|--:|--:|--:|",
+    ]
+    for name, wl in workloads.items():
+        print(f"\n== {name} (accelerator): sizes {wl.sizes}, batch {wl.batch}")
+        data = Workload(wl.sizes, wl.batch, wl.batches, wl.repeats)
+        X_np, Y_np = synthetic(data)
+        X, Y = jnp.asarray(X_np), jnp.asarray(Y_np)
+        flops = step_flops(wl.sizes, wl.batch)
+        runners = {}
+        for p, tf32 in ACCEL_PRECISIONS.items():
+            net = MLP(wl.sizes, "relu", "softmax", "cross_entropy", precision=p)
+            params = net.init(jax.random.key(SEED), jnp.float32)
+            for grad in ("hand", "auto"):
+                cfg = config(wl.batch, grad)
+                runners[(grad, p)] = epoch_runner(net, cfg, params, X, Y)
+            if dev is not None:
+                runners[("torch", p)] = torch_precision_runner(
+                    torch, wl, params, X_np, Y_np, tf32
+                )
+        times = interleaved(runners, wl.repeats)
+        per_step = {k: [t / wl.batches for t in v] for k, v in times.items()}
+        res = results["workloads"][name] = {"flops": flops, "per_step": per_step}
+        for (impl, p), ts in per_step.items():
+            t = statistics.median(ts)
+            label = {
+                "hand": "fnnet hand epoch",
+                "auto": "fnnet jax.grad epoch",
+                "torch": f"PyTorch eager on {dev} ("
+                + ("TF32 allowed" if ACCEL_PRECISIONS[p] else "fp32")
+                + ")",
+            }[impl]
+            rate = flops / t
+            lines.append(
+                f"| {name} {'-'.join(map(str, wl.sizes))} b{wl.batch} | {label} "
+                f"| {p} | {1e3 * t:.4g} | {rate / 1e12:.3g} "
+                f"| {rate / rates[p]:.1%} |"
+            )
+        for p in ACCEL_PRECISIONS:
+            ratios = [
+                a / b
+                for a, b in zip(
+                    per_step[("hand", p)], per_step[("auto", p)], strict=True
+                )
+            ]
+            lo, hi = median_interval(ratios)
+            res[f"hand_auto_{p}"] = (statistics.median(ratios), lo, hi)
+            print(
+                f"   hand / jax.grad at {p}: {statistics.median(ratios):.3f} "
+                f"(95% interval {lo:.3f}-{hi:.3f})"
+            )
+            if ("torch", p) in per_step:
+                ratios = [
+                    a / b
+                    for a, b in zip(
+                        per_step[("torch", p)], per_step[("hand", p)], strict=True
+                    )
+                ]
+                lo, hi = median_interval(ratios)
+                res[f"torch_hand_{p}"] = (statistics.median(ratios), lo, hi)
+                print(
+                    f"   PyTorch / fnnet hand at {p}: {statistics.median(ratios):.3f} "
+                    f"(95% interval {lo:.3f}-{hi:.3f})"
+                )
+    notes = [
+        f"- {n}^3 float32 product: "
+        + ", ".join(f"{r / 1e12:.3f} TFLOP/s at {p!r}" for p, r in rates.items())
+        + "; `% of rate` is the step's FLOP/s over that rate at the row's precision.",
+    ]
+    if dev is None:
+        notes.append(f"- PyTorch skipped: {why}.")
+    for name, res in results["workloads"].items():
+        for key, label in (
+            ("hand_auto_", "hand / jax.grad"),
+            ("torch_hand_", "PyTorch / fnnet hand"),
+        ):
+            for p in ACCEL_PRECISIONS:
+                if key + p in res:
+                    med, lo, hi = res[key + p]
+                    notes.append(
+                        f"- {name}, {p}: {label} {med:.3f} (median of per-round "
+                        f"ratios, 95% interval {lo:.3f}-{hi:.3f})"
+                    )
+    return lines + [""] + notes, results
+
+
+def accelerator_main(args, out_dir: Path) -> int:
+    """--gpu-workloads (the default on a GPU): precision, peers and compile time."""
+    catalogue = QUICK_GPU_WORKLOADS if args.quick else GPU_WORKLOADS
+    names = args.workloads.split(",") if args.workloads else list(catalogue)
+    unknown = [n for n in names if n not in catalogue]
+    if unknown:
+        print(f"unknown workloads {unknown}; choose from {list(catalogue)}")
+        return 2
+    header = machine_line()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(header)
+    torch = None if args.no_peers else optional("torch")
+    print("\n== compile time (first compile in the process, then medians)")
+    t0 = time.perf_counter()
+    warm = jax.jit(lambda a: a @ a.T)
+    block(warm(jnp.ones((8, 8), jnp.float32)))
+    first_s = time.perf_counter() - t0
+    compile_rows, compile_med = compile_section(
+        QUICK_COMPILE_REPEATS if args.quick else COMPILE_REPEATS, epoch=False
+    )
+    print(f"   the process's first compile (a tiny product): {first_s:.3f} s")
+    for k, v in compile_med.items():
+        print(f"   {k} {COMPILE_SIZES}: {v:.3f} s")
+    lines, _ = accelerator_section({n: catalogue[n] for n in names}, torch, args.quick)
+    plat = jax.devices()[0].platform
+    stem = "benchmark_gpu" if plat == "gpu" else f"benchmark_{plat}_gpu_workloads"
+    md = [
+        f"Machine: {header}",
+        "",
+        "Each training step: relu hidden layers, softmax + cross-entropy, plain "
+        "SGD, float32; a whole epoch in one call (fnnet) or one eager loop "
+        "(PyTorch), timed in interleaved rounds; `step ms` is the median per step.",
+        "",
+        *lines,
+        "",
+        "Compile time (a 4-layer step, caches cleared, order alternated): "
+        + ", ".join(f"{k} {v:.3f} s" for k, v in compile_med.items())
+        + f"; the process's first compile, a tiny product, took {first_s:.3f} s "
+        "(start-up that is not the step's).",
+        "",
+        f"- {load_line(load_start)}",
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.md"
+    path.write_text("\n".join(md) + "\n")
+    print(f"\nwrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -1446,7 +1680,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also write the table into README.md's benchmark-table block",
     )
+    parser.add_argument(
+        "--gpu-workloads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the GPU-sized workloads at precision default and highest "
+        "against PyTorch at TF32 and fp32, with the device's matrix-product rate "
+        "(default: on when JAX's backend is a GPU); writes benchmark_gpu.md",
+    )
     args = parser.parse_args(argv)
+    gpu = args.gpu_workloads
+    if gpu or (gpu is None and jax.default_backend() == "gpu"):
+        return accelerator_main(args, args.out)
 
     catalogue = QUICK_WORKLOADS if args.quick else WORKLOADS
     names = args.workloads.split(",") if args.workloads else list(catalogue)

@@ -169,3 +169,30 @@ def test_baseline_loads_apart_from_the_working_tree():
     assert any(m.__name__ == "fnnet_baseline.train" for m in modules)
     for module in modules:  # none of it read from the working tree
         assert not Path(module.__file__).resolve().is_relative_to(ROOT), module
+
+
+def test_gpu_workloads_path_runs_on_any_backend(tmp_path, monkeypatch, capsys):
+    # The accelerator section (chosen by default on a GPU) with tiny sizes:
+    # both precisions, the device's product rate, hand / jax.grad intervals.
+    bench = _load_benchmark()
+    tiny = {"tiny": bench.AccelWorkload((6, 8, 3), 4, 2, 1)}
+    monkeypatch.setattr(bench, "QUICK_GPU_WORKLOADS", tiny)
+    monkeypatch.setattr(bench, "QUICK_RATE_SIZE", 16)
+    # compile_section runs in the quick run above; here it would only add time.
+    compiled = {"hand step": 0.25, "auto step": 0.5}
+    monkeypatch.setattr(bench, "compile_section", lambda *a, **k: ([], compiled))
+    args = ["--gpu-workloads", "--quick", "--no-peers", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    platform = jax.devices()[0].platform
+    stem = "benchmark_gpu" if platform == "gpu" else f"benchmark_{platform}"
+    md = tmp_path / f"{stem}{'' if platform == 'gpu' else '_gpu_workloads'}.md"
+    text = md.read_text()
+    for precision in ("default", "highest"):
+        for impl in ("fnnet hand epoch", "fnnet jax.grad epoch"):
+            assert f"| tiny 6-8-3 b4 | {impl} | {precision} |" in text
+        assert f"tiny, {precision}: hand / jax.grad " in text
+        assert f"TFLOP/s at {precision!r}" in text
+    assert "| % of rate |" in text and "PyTorch skipped: torch is not installed" in text
+    assert "hand step 0.250 s, auto step 0.500 s" in text
+    assert bench.main(["--gpu-workloads", "--workloads", "nope"]) == 2
+    assert "unknown workloads ['nope']" in capsys.readouterr().out
