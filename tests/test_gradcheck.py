@@ -181,7 +181,7 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
     from fnnet import backward as bw
 
     real = bw.weight_grad
-    monkeypatch.setattr(bw, "weight_grad", lambda d, z: 1.01 * real(d, z))
+    monkeypatch.setattr(bw, "weight_grad", lambda d, z, *p: 1.01 * real(d, z, *p))
     net, params, x, y = make_problem(
         (2, 3, 2), "sigmoid", "identity", "mse", 3, jnp.float64, 3
     )

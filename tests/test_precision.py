@@ -135,11 +135,8 @@ def test_cli_precision_flag(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["precision"] == "highest"
     meta = checkpoint.load_meta(out / "checkpoint.npz")
     assert meta["net"]["precision"] == "highest"
-    # Resuming rebuilds the same network, precision included.
-    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
     capsys.readouterr()
-    args = ["gradcheck", "--sizes", "4,3,2", "--dtype", "float32"]
+    args = ["gradcheck", "--sizes", "3,2", "--dtype", "float32"]
     assert main([*args, "--precision", "high"]) == 0
     assert "matmul precision high;" in capsys.readouterr().out
     with pytest.raises(SystemExit) as err:

@@ -286,7 +286,9 @@ def test_check_every_catches_a_broken_hand_gradient(monkeypatch):
     )
     weight_grad = backward.weight_grad
     monkeypatch.setattr(
-        backward, "weight_grad", lambda delta, z: 1.01 * weight_grad(delta, z)
+        backward,
+        "weight_grad",
+        lambda delta, z, *precision: 1.01 * weight_grad(delta, z, *precision),
     )
     cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=0.1)
     result = fit(net, _params(net), (X_TR, Y_TR), None, cfg, check_every=1)
