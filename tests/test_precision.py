@@ -135,6 +135,7 @@ def test_cli_precision_flag(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["precision"] == "highest"
     meta = checkpoint.load_meta(out / "checkpoint.npz")
     assert meta["net"]["precision"] == "highest"
+    assert fnnet.load_run(out).net.precision == "highest"  # used as trained
     capsys.readouterr()
     args = ["gradcheck", "--sizes", "3,2", "--dtype", "float32"]
     assert main([*args, "--precision", "high"]) == 0
