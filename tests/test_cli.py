@@ -15,6 +15,7 @@ import pytest
 
 from fnnet import checkpoint as ckpt
 from fnnet.cli import build_parser, main
+from fnnet.run import load_run
 
 FAST = ["--quiet", "--hidden", "16", "--epochs", "3"]
 
@@ -145,6 +146,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 def test_resume_continues_bit_identically(tmp_path):
     flags = ["--quiet", "--hidden", "16", "--keep-prob", "0.9", "--patience", "50"]
     flags += ["--check-every", "2"]  # kept by config.json, resumed with the run
+    flags += ["--precision", "highest"]  # likewise (a mismatch fails the resume)
     code, full = _run(tmp_path, *flags, "--epochs", "6", name="full")
     assert code == 0
     code, part = _run(tmp_path, *flags, "--epochs", "2", name="part")
@@ -160,6 +162,8 @@ def test_resume_continues_bit_identically(tmp_path):
     assert ma["test_accuracy"] == mb["test_accuracy"] and mb["epochs_run"] == 6
     assert mb["grad_check_epochs"] == [2, 4, 6]
     assert ma["grad_check_max_rel_err"] == mb["grad_check_max_rel_err"]
+    assert ckpt.load_meta(part / "checkpoint.npz")["net"]["precision"] == "highest"
+    assert load_run(part).net.precision == "highest"  # used as trained
     # The same columns in the same order, and the same values.
     history = (full / "history.csv").read_text()
     assert (part / "history.csv").read_text() == history
