@@ -1495,7 +1495,9 @@ def torch_precision_runner(torch, wl, params, X, Y, allow_tf32: bool):
     return timed
 
 
-def accelerator_section(workloads: dict, torch, quick: bool) -> tuple[list[str], dict]:
+def accelerator_section(
+    workloads: dict, torch, quick: bool, no_torch: str = "torch is not installed"
+) -> tuple[list[str], dict]:
     """fnnet at each precision against PyTorch at the matching one; % of the rate.
 
     Returns (markdown lines, results). Per workload and precision: the hand
@@ -1511,9 +1513,7 @@ def accelerator_section(workloads: dict, torch, quick: bool) -> tuple[list[str],
     }
     for p, r in rates.items():
         print(f"   {n}^3 float32 product at precision {p!r}: {r / 1e12:.3f} TFLOP/s")
-    dev, why = (
-        (None, "torch is not installed") if torch is None else torch_device(torch)
-    )
+    dev, why = (None, no_torch) if torch is None else torch_device(torch)
     if dev is None:
         print(f"[skip] PyTorch on the device: {why}")
     results: dict = {"rates": rates, "rate_size": n, "workloads": {}}
@@ -1627,7 +1627,9 @@ def accelerator_main(args, out_dir: Path) -> int:
     print(f"   the process's first compile (a tiny product): {first_s:.3f} s")
     for k, v in compile_med.items():
         print(f"   {k} {COMPILE_SIZES}: {v:.3f} s")
-    lines, _ = accelerator_section({n: catalogue[n] for n in names}, torch, args.quick)
+    no_torch = "--no-peers" if args.no_peers else "torch is not installed"
+    workloads = {n: catalogue[n] for n in names}
+    lines, _ = accelerator_section(workloads, torch, args.quick, no_torch)
     plat = jax.devices()[0].platform
     stem = "benchmark_gpu" if plat == "gpu" else f"benchmark_{plat}_gpu_workloads"
     md = [

@@ -192,7 +192,7 @@ def test_gpu_workloads_path_runs_on_any_backend(tmp_path, monkeypatch, capsys):
             assert f"| tiny 6-8-3 b4 | {impl} | {precision} |" in text
         assert f"tiny, {precision}: hand / jax.grad " in text
         assert f"TFLOP/s at {precision!r}" in text
-    assert "| % of rate |" in text and "PyTorch skipped: torch is not installed" in text
+    assert "| % of rate |" in text and "PyTorch skipped: --no-peers" in text
     assert "hand step 0.250 s, auto step 0.500 s" in text
     assert bench.main(["--gpu-workloads", "--workloads", "nope"]) == 2
     assert "unknown workloads ['nope']" in capsys.readouterr().out
