@@ -155,3 +155,82 @@ def backward(
             grads[l - 1][block.name] = d_block
     # Same containers as params (tuple or list of dicts), for custom_vjp and optax.
     return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads)), dx
+
+
+# --- per-example gradient statistics from the batch's rows (eqs. 25-27) -----
+
+
+def layer_deltas(params: Params, trace, delta_L: Array, hidden: Sequence) -> list:
+    """The rows Delta^(1..L) of every layer (eq. 13), without parameter gradients.
+
+    The same recursion, in the same order of operations, as :func:`backward`;
+    it keeps every layer's deltas instead of turning them into gradients at
+    once, because per-example clipping needs every layer's rows before any
+    product (eq. 27).
+
+    Args:
+      params, trace, delta_L, hidden: as for :func:`backward`, on a batch.
+
+    Returns:
+      A list of L arrays, entry l - 1 of shape (N, M_l): row i is
+      dL_i/da_i^(l) times whatever factor ``delta_L`` carried (1/N for the
+      mean cost).
+
+    Raises:
+      ValueError: a hidden block has parameters. Their per-example gradients
+        are not outer products of two rows, so eq. 25 does not give their
+        norms; use ``jax.vmap`` of the one-example backward instead
+        (:meth:`fnnet.MLP.per_example_grads`).
+    """
+    check_outer_product_blocks(hidden)
+    deltas: list = [None] * len(params)
+    delta = delta_L
+    for l in reversed(range(len(params))):
+        deltas[l] = delta
+        if l == 0:
+            break
+        dz = propagate(params[l]["W"], delta)
+        if trace.masks is not None:
+            dz = dropout_backward(trace.masks[l - 1], None, dz)[1]
+        _, delta = hidden[l - 1].backward(None, trace.caches[l - 1], dz)
+    return deltas
+
+
+def check_outer_product_blocks(hidden: Sequence) -> None:
+    """Raise ValueError if a hidden block has parameters (see :func:`layer_deltas`)."""
+    for l, block in enumerate(hidden, 1):
+        if getattr(block, "init", None) is not None:
+            raise ValueError(
+                f"per-example gradient norms and clipping need dense layers: the "
+                f"hidden block {block.name!r} of layer {l} has parameters, whose "
+                "per-example gradients are not outer products of the batch's rows; "
+                "use MLP.per_example_grads (vmap of the one-example backward) for "
+                "this network"
+            )
+
+
+def per_example_sq_norms(delta: Array, z_prev: Array) -> Array:
+    """||dL_i/dW^(l)||^2 + ||dL_i/db^(l)||^2 for every row i (eq. 25).
+
+    = ||delta_i||^2 (||z_i||^2 + 1), from the rows alone: the outer product
+    delta_i z_i^T is never formed.
+
+    Args:
+      delta: (N, M_l) rows delta_i^(l) (of the per-example loss L_i).
+      z_prev: (N, M_{l-1}) rows z_i^(l-1), the layer's input.
+
+    Returns:
+      (N,) squared norms.
+    """
+    z_sq = jnp.sum(jnp.square(z_prev), axis=-1)
+    return jnp.sum(jnp.square(delta), axis=-1) * (z_sq + 1)
+
+
+def weighted_grads(delta: Array, z_prev: Array, c: Array) -> dict[str, Array]:
+    """sum_i c_i delta_i z_i^T and sum_i c_i delta_i: (c * Delta)^T Z (eq. 26).
+
+    One product of the size of the batch gradient (eq. 14), on rows scaled
+    by ``c`` (N,).
+    """
+    scaled = delta * c[:, None]
+    return {"W": weight_grad(scaled, z_prev), "b": bias_grad(scaled)}

@@ -182,6 +182,142 @@ def per_example_grads(net, params: Params, x: Array, y: Array):
     return jax.vmap(one)(x, y)
 
 
+# --- per-example gradient norms and clipping (eqs. 25-27) -------------------
+#
+# "Per-example gradient" means g_i = dL_i/dtheta, the gradient of example i's
+# own loss; the batch gradient of the mean cost is (1/N) sum_i g_i (eq. 3).
+
+
+class GradNorms(NamedTuple):
+    """What :func:`per_example_norms` returns (N rows, L layers)."""
+
+    J: Array  # the cost, mean of L_i
+    grads: Grads  # dJ/dparams = (1/N) sum_i g_i, as from backprop
+    layer_norms: Array  # (N, L): ||g_i|| over layer l's W and b
+    norms: Array  # (N,): ||g_i|| over every parameter
+
+
+class ClippedGrads(NamedTuple):
+    """What :func:`clipped_grads` returns (N rows)."""
+
+    J: Array  # the cost, mean of L_i (unweighted)
+    losses: Array  # (N,) L_i
+    grads: Grads  # scale * sum_i c_i g_i
+    norms: Array  # (N,) ||g_i|| before clipping
+    factors: Array  # (N,) c_i = w_i min(1, C / ||g_i||)
+
+
+def rows_and_deltas(net, params: Params, x: Array, y: Array, masks=None, scale=None):
+    """The forward trace, L_i (N,) and every layer's delta rows for a batch.
+
+    Row i of layer l's deltas is ``scale`` times delta_i^(l) = dL_i/da_i^(l)
+    (``scale=None``: the per-example deltas themselves). ``scale = 1.0 / N``
+    gives the rows of the mean cost, by the very operations of
+    :func:`backprop` (eq. 13).
+    """
+    bw.check_outer_product_blocks(net.hidden_blocks)  # before any work
+    trace = forward_cache(net, params, x, masks)
+    a, yhat = trace.a[-1], trace.z[-1]
+    L_i = losses.per_example_loss(net.loss, a, yhat, y)
+    # dJ = N: the head's own 1/N cancels, leaving delta_i (eqs. 5-7).
+    _, delta_L = blocks.head(net.output, net.loss).backward(y, (a, yhat), float(len(x)))
+    if scale is not None:
+        delta_L = delta_L * jnp.asarray(scale, delta_L.dtype)
+    return trace, L_i, bw.layer_deltas(params, trace, delta_L, net.hidden_blocks)
+
+
+def _sq_norms(trace, deltas, scale) -> Array:
+    """(N, L) squared per-example norms from rows that carry a factor ``scale``."""
+    sq = [bw.per_example_sq_norms(d, z) for d, z in zip(deltas, trace.z, strict=False)]
+    sq = jnp.stack(sq, axis=1)
+    return sq if scale is None else sq / jnp.asarray(scale * scale, sq.dtype)
+
+
+def _as_params(params: Params, grads: list) -> Grads:
+    return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))
+
+
+def per_example_norms(net, params: Params, x: Array, y: Array, masks=None):
+    """J, the batch gradients and every example's gradient norm, in one pass.
+
+    The norms come from the rows the batched backward already holds (eq. 25):
+    ||g_i||^2 of layer l is ||delta_i||^2 (||z_i||^2 + 1), where delta_i and
+    z_i are rows of Delta^(l) and Z^(l-1). No per-example gradient is formed.
+    The batch gradients are those of :func:`backprop` (eq. 14).
+
+    Args:
+      net, params: the network; its hidden blocks must have no parameters.
+      x: (N, M_0), y: targets; prepared (see :func:`prepare`).
+      masks: scaled dropout masks (training mode) or None. Example i's
+        gradient is taken with its own row of every mask.
+
+    Returns:
+      A :class:`GradNorms`.
+    """
+    scale = 1.0 / len(x)  # the rows of the mean cost, as in backprop
+    trace, L_i, deltas = rows_and_deltas(net, params, x, y, masks, scale)
+    grads = [
+        {"W": bw.weight_grad(d, z), "b": bw.bias_grad(d)}
+        for d, z in zip(deltas, trace.z, strict=False)
+    ]
+    sq = _sq_norms(trace, deltas, scale)
+    return GradNorms(
+        jnp.mean(L_i),
+        _as_params(params, grads),
+        jnp.sqrt(sq),
+        jnp.sqrt(jnp.sum(sq, axis=1)),
+    )
+
+
+def clip_factors(norms: Array, clip, weights: Array | None = None) -> Array:
+    """c_i = w_i min(1, C / ||g_i||): scales g_i to norm at most C (eq. 27).
+
+    ``clip`` may be ``inf`` (every c_i = w_i); a zero gradient keeps c_i = w_i.
+    """
+    C = jnp.asarray(clip, norms.dtype)
+    safe = jnp.where(norms > 0, norms, jnp.ones_like(norms))
+    c = jnp.where(norms > C, C / safe, jnp.ones_like(norms))
+    return c if weights is None else c * weights.astype(norms.dtype)
+
+
+def clipped_grads(
+    net,
+    params: Params,
+    x: Array,
+    y: Array,
+    clip,
+    masks=None,
+    weights: Array | None = None,
+    scale: float | None = None,
+) -> ClippedGrads:
+    """sum_i c_i g_i with every g_i clipped to norm ``clip``, in one pass (eq. 27).
+
+    The norms (eq. 25) give c_i = w_i min(1, C / ||g_i||); then each layer
+    takes one product on scaled rows, (c * Delta)^T Z and sum_i c_i delta_i
+    (eq. 26), the size of the batch gradient's. No per-example gradient is
+    formed.
+
+    Args:
+      net, params: the network; its hidden blocks must have no parameters.
+      x: (N, M_0), y: targets; prepared (see :func:`prepare`).
+      clip: the bound C > 0 (a float or a scalar array; ``inf``: no clipping).
+      masks: scaled dropout masks (training mode) or None.
+      weights: optional (N,) row weights w_i (0 drops a padding row).
+      scale: a Python float multiplying the sum, applied to delta^(L) before
+        the recursion: ``1.0 / N`` gives the clipped mean, and with
+        ``clip=inf`` and no weights exactly the gradients of :func:`backprop`
+        (the same operations). None: the plain sum.
+
+    Returns:
+      A :class:`ClippedGrads`.
+    """
+    trace, L_i, deltas = rows_and_deltas(net, params, x, y, masks, scale)
+    norms = jnp.sqrt(jnp.sum(_sq_norms(trace, deltas, scale), axis=1))
+    c = clip_factors(norms, clip, weights)
+    grads = [bw.weighted_grads(d, z, c) for d, z in zip(deltas, trace.z, strict=False)]
+    return ClippedGrads(jnp.mean(L_i), L_i, _as_params(params, grads), norms, c)
+
+
 # --- the hand backward as JAX's derivative (jax.custom_vjp) -----------------
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from fnnet import activations, blocks, core, losses
 from fnnet import precision as mp
 from fnnet.activations import Activation, name_of
+from fnnet.backward import check_outer_product_blocks as backward_check_blocks
 from fnnet.blocks import Block
 from fnnet.core import dropout_masks, forward_cache  # noqa: F401  (public here too)
 from fnnet.losses import Loss
@@ -300,6 +301,54 @@ class MLP:
         """
         x, y = self.validate(params, x, y, batch=True)
         return _per_example(self, params, x, y)
+
+    def per_example_norms(
+        self, params: Params, x: Array, y: Array, *, key: Array | None = None
+    ):
+        """J, batch gradients and per-example gradient norms, in one pass (eq. 25).
+
+        The per-example gradient g_i is the gradient of example i's own loss
+        L_i (the batch gradient is their mean). Its norm per layer (over W
+        and b) and in total comes from the batched backward's rows; no g_i
+        is formed. Hidden blocks with parameters are refused (ValueError).
+
+        Args:
+          params: as returned by :meth:`init`.
+          x: a batch (N, M_0); y: its targets (see :meth:`backprop`).
+          key: PRNG key for dropout; example i uses its own mask rows.
+
+        Returns:
+          :class:`fnnet.core.GradNorms` ``(J, grads, layer_norms (N, L),
+          norms (N,))``.
+        """
+        x, y = self.validate(params, x, y, key=key, batch=True)
+        backward_check_blocks(self.hidden_blocks)
+        return _per_example_norms(self, params, x, y, key)
+
+    def clipped_grads(
+        self,
+        params: Params,
+        x: Array,
+        y: Array,
+        *,
+        clip: float,
+        key: Array | None = None,
+        mean: bool = False,
+    ):
+        """sum_i c_i g_i, each g_i clipped to norm ``clip``, in one pass (eq. 27).
+
+        c_i = min(1, clip / ||g_i||); the sum takes one product per layer on
+        scaled rows (eq. 26). ``mean=True`` divides by N.
+
+        Returns:
+          :class:`fnnet.core.ClippedGrads` ``(J, losses, grads, norms,
+          factors)``.
+        """
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0:
+            raise ValueError(f"clip must be a number > 0 (inf: none), got {clip!r}")
+        x, y = self.validate(params, x, y, key=key, batch=True)
+        backward_check_blocks(self.hidden_blocks)
+        return _clipped_grads(self, params, x, y, key, float(clip), bool(mean))
 
     def hand_cost(
         self, params: Params, x: Array, y: Array, *, key: Array | None = None
@@ -578,3 +627,17 @@ def _hand_cost(net: MLP, params: Params, x: Array, y: Array, key) -> Array:
 def _hand_forward(net: MLP, params: Params, x: Array) -> Array:
     x, _ = core.prepare(net, params, x)
     return core.hand_forward(net, params, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_norms(net: MLP, params: Params, x: Array, y: Array, key):
+    x, y = core.prepare(net, params, x, y)
+    return core.per_example_norms(net, params, x, y, core.masks_for(net, key, x))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _clipped_grads(net: MLP, params, x, y, key, clip: float, mean: bool):
+    x, y = core.prepare(net, params, x, y)
+    masks = core.masks_for(net, key, x)
+    scale = 1.0 / x.shape[0] if mean else None
+    return core.clipped_grads(net, params, x, y, clip, masks, scale=scale)
