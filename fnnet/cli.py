@@ -39,6 +39,7 @@ from fnnet.blocks import Block
 from fnnet.losses import LOSSES, Loss
 from fnnet.network import MLP
 from fnnet.precision import CHECK_PRECISION, PRECISIONS
+from fnnet.privacy import ACCOUNTANT, poisson_schedule
 from fnnet.run import (
     CHECKPOINT_FILE,
     export_safetensors,
@@ -59,6 +60,7 @@ from fnnet.train import (
 
 CONFIG_FILE = "config.json"
 DEFAULT_EPOCHS = 200
+DEFAULT_DP_DELTA = 1e-5
 
 # Exit codes: 0 success, 2 bad usage or bad input (argparse's convention),
 # 3 training stopped on a non-finite loss.
@@ -227,6 +229,46 @@ def build_parser() -> argparse.ArgumentParser:
         "256 training rows (evaluation mode: no dropout, noise or L2); per-layer "
         "relative errors go to history.csv, their maximum to metrics.json; "
         "with --resume it may be set anew (None: off)",
+    )
+
+    g = p.add_argument_group(
+        "privacy and gradient statistics",
+        "DP-SGD: each step draws a Poisson batch (every example joins with "
+        "probability batch-size / N), clips each example's gradient to norm "
+        "--dp-clip, adds Gaussian noise of standard deviation dp-noise x dp-clip "
+        "to the sum and divides by batch-size; the (epsilon, delta) spent comes "
+        "from dp-accounting's RDP accountant and is shown in the progress bar, "
+        "history.csv and metrics.json",
+    )
+    g.add_argument(
+        "--dp-clip",
+        type=float,
+        default=None,
+        metavar="C",
+        help="per-example gradient norm bound: turns DP-SGD on (inf: no "
+        "clipping; None: plain training)",
+    )
+    g.add_argument(
+        "--dp-noise",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="noise multiplier: noise standard deviation / C (needs --dp-clip)",
+    )
+    g.add_argument(
+        "--dp-delta",
+        type=float,
+        default=None,
+        metavar="DELTA",
+        help="delta of the reported (epsilon, delta) (default with --dp-clip: "
+        f"{DEFAULT_DP_DELTA})",
+    )
+    g.add_argument(
+        "--log-noise-scale",
+        action="store_true",
+        help="every epoch, estimate the gradient noise scale B_simple = "
+        "tr(Sigma)/|G|^2 from per-example gradient norms (history.csv: "
+        "noise_scale, noise_trace, noise_grad_sq)",
     )
 
     c = sub.add_parser(
@@ -460,6 +502,9 @@ def _settings(args) -> dict:
             saved["epochs"] = args.epochs
         saved.setdefault("check_every", None)  # a config from before the flag
         saved.setdefault("precision", None)  # likewise
+        for key, value in (("dp_clip", None), ("dp_noise", 0.0), ("dp_delta", None)):
+            saved.setdefault(key, value)
+        saved.setdefault("log_noise_scale", False)
         if args.check_every is not None:
             saved["check_every"] = args.check_every
         saved["quiet"] = args.quiet
@@ -472,7 +517,38 @@ def _settings(args) -> dict:
     settings.pop("dropout")
     if settings["keep_prob"] is None:
         settings["keep_prob"] = 1.0
+    _check_dp_flags(settings)
+    if settings["dp_clip"] is not None and settings["dp_delta"] is None:
+        settings["dp_delta"] = DEFAULT_DP_DELTA
     return settings
+
+
+def _check_dp_flags(s: dict) -> None:
+    """The DP flags' rules, in the flags' own names."""
+    clip, sigma, delta = s["dp_clip"], s["dp_noise"], s["dp_delta"]
+    if clip is None:
+        for flag, value, off in (
+            ("--dp-noise", sigma, 0.0),
+            ("--dp-delta", delta, None),
+        ):
+            if value != off:
+                raise ValueError(f"{flag} {value} needs --dp-clip C (DP-SGD is off)")
+        return
+    if not clip > 0:
+        raise ValueError(f"--dp-clip must be > 0 (inf: no clipping), got {clip}")
+    if not (sigma >= 0 and sigma < float("inf")):
+        raise ValueError(f"--dp-noise must be finite and >= 0, got {sigma}")
+    if sigma > 0 and clip == float("inf"):
+        raise ValueError(
+            f"--dp-noise {sigma} needs a finite --dp-clip (the noise's standard "
+            "deviation is dp-noise x dp-clip)"
+        )
+    if delta is not None and not 0 < delta < 1:
+        raise ValueError(f"--dp-delta must lie in (0, 1), got {delta}")
+    if s["grad"] != "hand":
+        raise ValueError(f"--dp-clip needs --grad hand, got --grad {s['grad']}")
+    if s.get("devices") is not None:
+        raise ValueError("--dp-clip runs on one device; drop --devices")
 
 
 def _train(args) -> int:
@@ -526,6 +602,9 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
         patience=s["patience"] or None,
         grad=s["grad"],
         seed=s["seed"],
+        dp_clip=s["dp_clip"],
+        dp_noise=s["dp_noise"],
+        dp_delta=s["dp_delta"],
     )
     has_val = len(ds.x_val) > 0
     if config.patience is not None and not has_val:
@@ -559,6 +638,7 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
         devices=s.get("devices"),
         check_every=s["check_every"],
         checkpoint_info={"settings": s, "model": _model_record(s, ds, net)},
+        log_noise_scale=s["log_noise_scale"],
     )
     if bar is not None:
         bar.close()
@@ -582,6 +662,8 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
     )
     if checked:
         metrics.update(grad_check_summary(result.history))
+    if config.dp_clip is not None:
+        metrics.update(_dp_metrics(config, len(ds.x_train), result))
     _write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     columns = _history_columns(result.history, metric, grad_columns if checked else [])
     _write_history(out / "history.csv", result.history, columns)
@@ -595,6 +677,24 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
         print(f"fnnet train: {result.message}", file=sys.stderr)
         return EXIT_NON_FINITE
     return 0
+
+
+def _dp_metrics(config: TrainConfig, n: int, result) -> dict:
+    """What metrics.json says about DP-SGD: the epsilon spent and how."""
+    q, steps = poisson_schedule(n, config.batch_size)
+    eps = result.history[-1].get("dp_epsilon") if result.history else None
+    return {
+        "dp_epsilon": eps,  # null without noise: no finite guarantee
+        "dp": {
+            "delta": config.dp_delta,
+            "clip": config.dp_clip,
+            "noise_multiplier": config.dp_noise,
+            "sampling": "poisson",
+            "sample_rate": q,
+            "steps": steps * result.epochs_run,
+            "accountant": ACCOUNTANT,
+        },
+    }
 
 
 def _target(value):

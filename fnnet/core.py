@@ -318,6 +318,32 @@ def clipped_grads(
     return ClippedGrads(jnp.mean(L_i), L_i, _as_params(params, grads), norms, c)
 
 
+def noise_scale_estimates(norms: Array, grads: Grads):
+    """Unbiased estimates of tr(Sigma) and |G|^2 from one batch (eq. 28).
+
+    Sigma is the covariance of the per-example gradient g_i and G its mean
+    over the data. With B rows, S = mean_i ||g_i||^2 and g_bar the batch
+    gradient: E[S] = |G|^2 + tr(Sigma) and E[||g_bar||^2] = |G|^2 +
+    tr(Sigma) / B, so
+
+        tr(Sigma) ~ (S - ||g_bar||^2) B / (B - 1)
+        |G|^2     ~ (B ||g_bar||^2 - S) / (B - 1)
+
+    (McCandlish et al. 2018, Appendix A, with the two batch sizes 1 and B).
+
+    Args:
+      norms: (B,) per-example gradient norms ||g_i||, B >= 2.
+      grads: the batch gradient g_bar = (1/B) sum_i g_i.
+
+    Returns:
+      ``(trace, grad_sq)``, two scalars.
+    """
+    B = norms.shape[0]
+    S = jnp.mean(jnp.square(norms))
+    g_sq = sum(jnp.sum(jnp.square(t)) for t in jax.tree.leaves(grads))
+    return (S - g_sq) * (B / (B - 1)), (B * g_sq - S) / (B - 1)
+
+
 # --- the hand backward as JAX's derivative (jax.custom_vjp) -----------------
 
 

@@ -43,8 +43,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fnnet import backward as bw
 from fnnet import checkpoint as ckpt
-from fnnet import core
+from fnnet import core, privacy
 from fnnet.core import metric_name
 from fnnet.network import MLP
 from fnnet.precision import CHECK_PRECISION
@@ -73,6 +74,12 @@ class TrainConfig:
     patience: int | None = None
     grad: str = "hand"
     seed: int = 0
+    # DP-SGD (see :func:`dp_train_step`): per-example clipping bound C (None:
+    # off; inf: no clipping), noise multiplier sigma, and the delta of the
+    # reported (epsilon, delta).
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
+    dp_delta: float | None = None
 
     def __post_init__(self):
         def positive_int(name):
@@ -104,6 +111,40 @@ class TrainConfig:
             raise ValueError(
                 f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
             )
+        self._check_dp()
+
+    def _check_dp(self):
+        clip, sigma, delta = self.dp_clip, self.dp_noise, self.dp_delta
+        for name, v in (("dp_clip", clip), ("dp_noise", sigma), ("dp_delta", delta)):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float))
+            ):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+        if clip is not None:
+            if math.isnan(clip) or clip <= 0:
+                raise ValueError(
+                    f"dp_clip must be > 0 (inf: no clipping), got {clip!r}"
+                )
+            object.__setattr__(self, "dp_clip", float(clip))
+            if self.grad != "hand":
+                raise ValueError(
+                    f"dp_clip needs grad='hand' (per-example norms come from the "
+                    f"hand backward's rows), got grad={self.grad!r}"
+                )
+        if not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"dp_noise must be finite and >= 0, got {sigma!r}")
+        object.__setattr__(self, "dp_noise", float(sigma))
+        if sigma > 0 and (clip is None or math.isinf(clip)):
+            raise ValueError(
+                f"dp_noise={sigma} needs a finite dp_clip (the noise's standard "
+                f"deviation is dp_noise * dp_clip), got dp_clip={clip!r}"
+            )
+        if delta is not None:
+            if not 0 < delta < 1:
+                raise ValueError(f"dp_delta must lie in (0, 1), got {delta!r}")
+            if clip is None:
+                raise ValueError("dp_delta needs dp_clip (DP-SGD is off without it)")
+            object.__setattr__(self, "dp_delta", float(delta))
 
     def step_part(self) -> TrainConfig:
         """The settings a training step depends on (the key of its compilation).
@@ -112,7 +153,7 @@ class TrainConfig:
         around the compiled epoch; leaving them out lets runs that differ in
         those alone share one compiled function.
         """
-        return dataclasses.replace(self, epochs=1, patience=None, seed=0)
+        return dataclasses.replace(self, epochs=1, patience=None, seed=0, dp_delta=None)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation | None:
@@ -184,12 +225,8 @@ def l2_grad(params: Params, grads: Grads, config: TrainConfig) -> Grads:
     return _map_decayed(lambda g, theta: g + config.l2 * theta, grads, params, config)
 
 
-def loss_and_grads(net: MLP, config: TrainConfig, params, x, y, key):
-    """J~ (with the L2 penalty) and its gradient, from the configured source.
-
-    x and y are already prepared (parameters' dtype, y shaped); ``key`` drives
-    dropout and input noise and may be None when neither is on.
-    """
+def training_inputs(net: MLP, config: TrainConfig, x: Array, key):
+    """x with input noise, and the dropout masks, drawn from ``key`` (or None)."""
     masks = None
     if key is not None:
         k_mask, k_noise = jax.random.split(key)
@@ -198,6 +235,16 @@ def loss_and_grads(net: MLP, config: TrainConfig, params, x, y, key):
             x = x + jnp.asarray(config.noise_std, x.dtype) * noise
         if net.keep_prob < 1:
             masks = core.masks_for(net, k_mask, x)
+    return x, masks
+
+
+def loss_and_grads(net: MLP, config: TrainConfig, params, x, y, key):
+    """J~ (with the L2 penalty) and its gradient, from the configured source.
+
+    x and y are already prepared (parameters' dtype, y shaped); ``key`` drives
+    dropout and input noise and may be None when neither is on.
+    """
+    x, masks = training_inputs(net, config, x, key)
     if config.grad == "hand":
         J, grads, _, _ = core.backprop(net, params, x, y, masks)
         if config.l2 > 0:
@@ -269,6 +316,8 @@ def run_epoch(net, config, optimizer, state: TrainState, X, Y, key, *, sharding=
     Returns:
       ``(state, losses, ok)``: losses of shape (batches,).
     """
+    if config.dp_clip is not None:  # DP-SGD: Poisson-sampled batches
+        return run_dp_epoch(net, config, optimizer, state, X, Y, key)
     n = X.shape[0]
     B = min(config.batch_size, n)
     nb = n // B
@@ -289,6 +338,127 @@ def run_epoch(net, config, optimizer, state: TrainState, X, Y, key, *, sharding=
     ok = jnp.all(jnp.isfinite(batch_losses)) & _all_finite(new_state.params)
     kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     return kept, batch_losses, ok
+
+
+# --------------------------------------------------------------------- DP-SGD
+#
+# Abadi et al. 2016, "Deep Learning with Differential Privacy". Every step
+# draws a Poisson batch (each training example independently with
+# probability q = B / N, B the batch size), clips each example's gradient
+# g_i = dL_i/dtheta to norm C, sums, adds N(0, (sigma C)^2) to every
+# coordinate of the sum, and divides by B, the expected batch size:
+#
+#     g~ = (sum_{i in batch} min(1, C / ||g_i||) g_i + sigma C xi) / B
+#
+# The clipped sum is eq. 27 (no per-example gradient is formed); the (eps,
+# delta) spent is the Poisson-subsampled Gaussian mechanism composed over the
+# steps taken (fnnet.privacy). An epoch is N // B such steps.
+
+#: A Poisson batch is processed in chunks of the expected size B plus this
+#: many standard deviations sqrt(B), padded with rows of weight 0; a larger
+#: batch takes more chunks, so no example is ever dropped.
+DP_CHUNK_SIGMAS = 2.0
+
+
+def dp_chunk_rows(n: int, batch_size: int) -> int:
+    """Rows per chunk of a Poisson batch: min(N, B + ceil(2 sqrt(B)))."""
+    B = min(batch_size, n)
+    return min(n, B + math.ceil(DP_CHUNK_SIGMAS * math.sqrt(B)))
+
+
+def dp_batch_grads(net, config: TrainConfig, params, x, y, weights, key, B: int):
+    """(1/B) sum_i w_i clip_C(g_i) over the rows of x, and sum_i w_i L_i.
+
+    ``key`` drives dropout and input noise as in a plain step (may be None).
+    With ``weights`` all 1, ``dp_clip=inf`` and B = the number of rows, the
+    gradient is exactly that of :func:`loss_and_grads` (the same products).
+    """
+    x, masks = training_inputs(net, config, x, key)
+    out = core.clipped_grads(
+        net, params, x, y, config.dp_clip, masks, weights, scale=1.0 / B
+    )
+    w = weights.astype(out.losses.dtype)
+    return out.grads, jnp.sum(w * out.losses)
+
+
+def dp_noise(config: TrainConfig, grads: Grads, key: Array, B: int) -> Grads:
+    """grads + N(0, (sigma C / B)^2) on every coordinate (none when sigma = 0)."""
+    if config.dp_noise == 0:
+        return grads
+    std = config.dp_noise * config.dp_clip / B
+    leaves, treedef = jax.tree.flatten(grads)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [
+        t + jnp.asarray(std, t.dtype) * jax.random.normal(k, t.shape, t.dtype)
+        for t, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def dp_train_step(net, config, optimizer, state: TrainState, X, Y, key):
+    """One DP-SGD step on a Poisson batch of the training set (X, Y).
+
+    Returns ``(state, J)``, J the mean loss over the sampled examples (plus
+    the L2 penalty), 0 for an empty batch. Everything random (the batch, the
+    noise, dropout and input noise) comes from ``key``.
+    """
+    params = state.params
+    n = X.shape[0]
+    B = min(config.batch_size, n)
+    cap = dp_chunk_rows(n, B)
+    k_count, k_perm, k_noise, k_rows = jax.random.split(key, 4)
+    # Poisson sampling: the batch size is Binomial(N, q) and, given it, the
+    # batch is a uniformly random subset: the first `count` of a permutation.
+    count = jnp.sum(jax.random.bernoulli(k_count, B / n, (n,)), dtype=jnp.int32)
+    perm = jax.random.permutation(k_perm, n)
+    needs_key = _needs_key(net, config)
+
+    def more(carry):
+        return carry[0] * cap < count
+
+    def chunk(carry):
+        j, g_sum, loss_sum = carry
+        pos = j * cap + jnp.arange(cap, dtype=jnp.int32)
+        idx = perm[jnp.minimum(pos, n - 1)]
+        k = jax.random.fold_in(k_rows, j) if needs_key else None
+        g, L = dp_batch_grads(net, config, params, X[idx], Y[idx], pos < count, k, B)
+        return j + 1, jax.tree.map(jnp.add, g_sum, g), loss_sum + L
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    start = (jnp.zeros((), jnp.int32), zeros, jnp.zeros((), X.dtype))
+    _, grads, loss_sum = jax.lax.while_loop(more, chunk, start)
+    grads = dp_noise(config, grads, k_noise, B)
+    J = loss_sum / jnp.maximum(count, 1).astype(loss_sum.dtype)
+    if config.l2 > 0:  # data-independent: added after the noise
+        J = J + l2_penalty(params, config)
+        grads = l2_grad(params, grads, config)
+    return apply_update(config, optimizer, state, grads), J
+
+
+def run_dp_epoch(net, config, optimizer, state: TrainState, X, Y, key):
+    """N // B DP-SGD steps (:func:`dp_train_step`) in one scan; as :func:`run_epoch`."""
+    n = X.shape[0]
+    steps = n // min(config.batch_size, n)
+
+    def body(st, k):
+        return dp_train_step(net, config, optimizer, st, X, Y, k)
+
+    new_state, batch_losses = jax.lax.scan(body, state, jax.random.split(key, steps))
+    ok = jnp.all(jnp.isfinite(batch_losses)) & _all_finite(new_state.params)
+    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    return kept, batch_losses, ok
+
+
+def dp_accounting_record(config: TrainConfig, n: int, epochs: int) -> dict:
+    """{"dp_epsilon": eps} after ``epochs`` epochs of DP-SGD on n examples.
+
+    Empty unless the run adds noise (dp_noise > 0) and names its delta.
+    """
+    if config.dp_clip is None or config.dp_noise == 0 or config.dp_delta is None:
+        return {}
+    q, steps = privacy.poisson_schedule(n, config.batch_size)
+    eps = privacy.epsilon(config.dp_noise, q, steps * epochs, config.dp_delta)
+    return {"dp_epsilon": eps}
 
 
 @functools.partial(
@@ -429,6 +599,43 @@ def grad_check_summary(history: list[dict[str, float]]) -> dict:
     }
 
 
+# ------------------------------------------------------- gradient noise scale
+
+#: History keys of :func:`noise_scale`.
+NOISE_SCALE_KEYS = ("noise_scale", "noise_trace", "noise_grad_sq")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def noise_scale_terms(net: MLP, params: Params, X: Array, Y: Array, batch_size: int):
+    """(B_simple, tr(Sigma), |G|^2) estimated on the training set (eq. 28).
+
+    The first N // B batches of B rows (in order, evaluation mode) each give
+    unbiased estimates of tr(Sigma) and |G|^2 from the per-example norms and
+    the batch gradient (:func:`fnnet.core.noise_scale_estimates`); both are
+    averaged over the batches before their ratio is taken (McCandlish et al.
+    2018, Appendix A).
+    """
+    n = X.shape[0]
+    B = min(batch_size, n)
+    nb = n // B
+    Xb = X[: nb * B].reshape(nb, B, *X.shape[1:])
+    Yb = Y[: nb * B].reshape(nb, B, *Y.shape[1:])
+
+    def one(carry, batch):
+        out = core.per_example_norms(net, params, *batch)
+        return carry, core.noise_scale_estimates(out.norms, out.grads)
+
+    _, (trace, grad_sq) = jax.lax.scan(one, None, (Xb, Yb))
+    trace, grad_sq = jnp.mean(trace), jnp.mean(grad_sq)
+    return jnp.stack([trace / grad_sq, trace, grad_sq])
+
+
+def noise_scale(net: MLP, params: Params, X, Y, batch_size: int) -> dict:
+    """:func:`noise_scale_terms` as history entries ``NOISE_SCALE_KEYS``."""
+    values = np.asarray(noise_scale_terms(net, params, X, Y, batch_size)).tolist()
+    return dict(zip(NOISE_SCALE_KEYS, values, strict=True))
+
+
 # --------------------------------------------------------------------- fitting
 
 
@@ -458,6 +665,7 @@ def fit(
     devices: int | Sequence[jax.Device] | None = None,
     check_every: int | None = None,
     checkpoint_info: dict | None = None,
+    log_noise_scale: bool = False,
 ) -> FitResult:
     """Train ``net`` from ``params`` on ``train``, watching ``val``.
 
@@ -489,6 +697,16 @@ def fit(
       checkpoint_info: JSON values stored with every checkpoint under
         ``"info"`` (e.g. the settings that rebuild the network); not compared
         on resume.
+      log_noise_scale: after every epoch, estimate the gradient noise scale
+        B_simple = tr(Sigma) / |G|^2 at the current parameters (see
+        :func:`noise_scale`) and add ``noise_scale``, ``noise_trace`` and
+        ``noise_grad_sq`` to the epoch's record.
+
+    DP-SGD: with ``config.dp_clip`` set, every step is
+    :func:`dp_train_step` (Poisson batches, clipped per-example gradients,
+    Gaussian noise from the run's key); with ``dp_noise > 0`` and
+    ``dp_delta`` every record also holds ``dp_epsilon``, the epsilon spent
+    so far (:mod:`fnnet.privacy`).
 
     Returns:
       A :class:`FitResult`: with early stopping (``config.patience``) its
@@ -506,7 +724,23 @@ def fit(
         raise ValueError(
             f"check_every must be a positive int or None, got {check_every!r}"
         )
+    if config.dp_clip is not None or log_noise_scale:
+        what = "DP-SGD (config.dp_clip)" if config.dp_clip is not None else None
+        what = what or "log_noise_scale"
+        if config.dp_clip is not None and devices is not None:
+            raise ValueError(
+                f"DP-SGD (config.dp_clip) runs on one device, got devices={devices!r}"
+            )
+        try:
+            bw.check_outer_product_blocks(net.hidden_blocks)
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from None
     X, Y = core.prepare(net, params, *net.validate(params, *train, batch=True))
+    if log_noise_scale and min(config.batch_size, X.shape[0]) < 2:
+        raise ValueError(
+            "log_noise_scale needs batch_size >= 2 (it compares single examples "
+            f"with batches), got {config.batch_size}"
+        )
     if val is not None:
         val = core.prepare(net, params, *net.validate(params, *val))
     if optimizer is None:
@@ -573,6 +807,9 @@ def fit(
             loop.bad_epochs += 1
         if check_every is not None and epoch % check_every == 0:
             record.update(grad_check_record(net, state.params, *check_batch))
+        record.update(dp_accounting_record(config, X.shape[0], epoch))
+        if log_noise_scale:
+            record.update(noise_scale(net, state.params, X, Y, config.batch_size))
         loop.epoch = epoch
         loop.history.append(record)
         if on_epoch is not None:
@@ -633,6 +870,8 @@ def _load(path, state, loop, base_key, config, net):
         )
     saved = dict(meta.get("train_config", {}))
     ours = json_roundtrip(dataclasses.asdict(config))
+    for k, v in json_roundtrip(dataclasses.asdict(TrainConfig())).items():
+        saved.setdefault(k, v)  # a setting newer than the checkpoint
     diff = sorted(k for k in ours if k != "epochs" and saved.get(k) != ours[k])
     if diff:
         raise ckpt.CheckpointError(
