@@ -29,7 +29,7 @@ SCANNED_DIRS = ("fnnet", "experiments", "tests", "docs")
 EXCLUDED_PREFIXES = (("experiments", "results"),)
 
 # Numbers fixed by the code that cites them, and the section anchors.
-EQUATIONS = range(1, 25)
+EQUATIONS = range(1, 29)
 SECTIONS = (
     "notation",
     "forward",
@@ -45,6 +45,7 @@ SECTIONS = (
     "verification",
     "computational-graph",
     "worked-examples",
+    "per-example",
 )
 
 _ID_RE = re.compile(r"""<a\s+(?:id|name)\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
