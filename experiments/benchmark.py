@@ -33,6 +33,8 @@ Run from the repository root:
     python experiments/benchmark.py --quick         # smoke run, under a minute
     python experiments/benchmark.py --workloads small,medium --no-peers
     python experiments/benchmark.py --memory        # the memory section only
+    python experiments/benchmark.py --per-example --workloads small,medium
+                                                    # per-example norms, clipping
     python experiments/benchmark.py --workloads small,medium --no-peers \
         --baseline-rev b5dbbd5                      # no speed loss since b5dbbd5?
 
@@ -1231,6 +1233,114 @@ def memory_section(workloads: dict[str, Workload], epochs: int) -> list[dict]:
     return out
 
 
+# ------------------------------------------- per-example norms and clipping
+#
+# Per-example gradient norms (eq. 25) and clipped sums (eqs. 26, 27) from the
+# batched backward's rows, against a batched hand step and against the vmap
+# route (the one-example backward vmapped over the batch, then reduced). Each
+# runner is one jitted call: forward, backward, the statistic, an SGD update.
+
+PER_EXAMPLE_TARGETS = {"norms": 1.2, "clipped": 1.5}  # x batched hand step, medium
+PER_EXAMPLE_ROUNDS = {"small": 41, "medium": 11}
+PER_EXAMPLE_CLIP = 1.0
+PER_EXAMPLE_KINDS = ("hand step", "norms", "clipped", "vmap norms", "vmap clipped")
+
+
+def per_example_runners(net, params, x, y, calls: int):
+    """Runners for PER_EXAMPLE_KINDS on one batch; each ends with an SGD update."""
+    n = x.shape[0]
+
+    def sgd(p, g):
+        return jax.tree.map(lambda t, d: t - LEARNING_RATE * d, p, g)
+
+    def vmapped(p, x, y):
+        _, g = core.per_example_grads(net, p, x, y)
+        sq = sum(
+            jnp.sum(jnp.square(t.reshape(n, -1)), axis=1) for t in jax.tree.leaves(g)
+        )
+        return g, jnp.sqrt(sq)
+
+    def hand(p, x, y):
+        return sgd(p, core.backprop(net, p, x, y).grads)
+
+    def norms(p, x, y):
+        out = core.per_example_norms(net, p, x, y)
+        return sgd(p, out.grads), out.norms
+
+    def clipped(p, x, y):
+        out = core.clipped_grads(net, p, x, y, PER_EXAMPLE_CLIP, scale=1.0 / n)
+        return sgd(p, out.grads), out.norms
+
+    def vmap_norms(p, x, y):
+        g, norms = vmapped(p, x, y)
+        return sgd(p, jax.tree.map(lambda t: jnp.mean(t, axis=0), g)), norms
+
+    def vmap_clipped(p, x, y):
+        g, norms = vmapped(p, x, y)
+        c = core.clip_factors(norms, PER_EXAMPLE_CLIP) / n
+        return sgd(p, jax.tree.map(lambda t: jnp.tensordot(c, t, axes=1), g)), norms
+
+    fns = (hand, norms, clipped, vmap_norms, vmap_clipped)
+    return {
+        kind: call_runner(jax.jit(fn), params, x, y, calls=calls)
+        for kind, fn in zip(PER_EXAMPLE_KINDS, fns, strict=True)
+    }
+
+
+def per_example_section(workloads: dict[str, Workload], rounds: dict[str, int]):
+    """Median ms per call and ratios to the batched hand step, side by side.
+
+    Returns a list of dicts (workload, sizes, batch, kind, ms, vs_hand_step,
+    interval), the interval the ~95% interval of the median per-round ratio.
+    """
+    rows = []
+    for name, wl in workloads.items():
+        net = network(wl.sizes)
+        params = net.init(jax.random.key(SEED), jnp.float32)
+        X, Y = synthetic(wl)
+        x, y = jnp.asarray(X[: wl.batch]), jnp.asarray(Y[: wl.batch])
+        runners = per_example_runners(net, params, x, y, calls=1)
+        times = interleaved(runners, rounds.get(name, 11), settle=0.0)
+        base = times["hand step"]
+        for kind in PER_EXAMPLE_KINDS:
+            ratios = [a / b for a, b in zip(times[kind], base, strict=True)]
+            rows.append(
+                {
+                    "workload": name,
+                    "sizes": "-".join(map(str, wl.sizes)),
+                    "batch": wl.batch,
+                    "kind": kind,
+                    "ms": 1e3 * statistics.median(times[kind]),
+                    "vs_hand_step": statistics.median(ratios),
+                    "interval": median_interval(ratios),
+                }
+            )
+    return rows
+
+
+def per_example_lines(rows: list[dict]) -> list[str]:
+    """The section's table and its targets, as printed lines."""
+    lines = ["| workload | batch | kind | ms per step | x hand step (95% interval) |"]
+    lines.append("|---|---|---|---|---|")
+    for r in rows:
+        lo, hi = r["interval"]
+        lines.append(
+            f"| {r['workload']} {r['sizes']} | {r['batch']} | {r['kind']} | "
+            f"{r['ms']:.3g} | {r['vs_hand_step']:.2f} ({lo:.2f}-{hi:.2f}) |"
+        )
+    for r in rows:
+        bound = (
+            PER_EXAMPLE_TARGETS.get(r["kind"]) if r["workload"] == "medium" else None
+        )
+        if bound is not None:
+            verdict = "met" if r["vs_hand_step"] <= bound else "MISSED"
+            lines.append(
+                f"target: {r['kind']} <= {bound}x hand step on medium: "
+                f"{r['vs_hand_step']:.2f}x {verdict}"
+            )
+    return lines
+
+
 # ------------------------------------------------------------------ reporting
 
 
@@ -1672,6 +1782,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--memory", action="store_true", help="only the memory section")
     parser.add_argument(
+        "--per-example",
+        action="store_true",
+        help="only the per-example norms and clipping section",
+    )
+    parser.add_argument(
         "--baseline-rev",
         default=BASELINE_REV,
         metavar="REV",
@@ -1713,6 +1828,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "note: jax_enable_x64 is on; every array here is float32/int32 explicitly"
         )
+
+    if args.per_example:
+        rounds = {n: 3 for n in workloads} if args.quick else PER_EXAMPLE_ROUNDS
+        print("\n== per-example norms and clipping (one batch, jitted, + SGD update)")
+        print("\n".join(per_example_lines(per_example_section(workloads, rounds))))
+        return 0
 
     mem_names = MEMORY_WORKLOADS[:1] if args.quick else MEMORY_WORKLOADS
     mem_wl = {n: wl for n, wl in workloads.items() if n in mem_names}
