@@ -1,6 +1,6 @@
 """Regenerate every study: ``python -m experiments [--quick] [--only ...] [--out DIR]``.
 
-Studies run in order (gradient, speed, regularization, results) with a tqdm
+Studies run in order (gradient, speed, regularization, results, dp) with a tqdm
 progress bar on stderr; each writes its CSV, PNG and markdown under --out
 (default experiments/results). ``--quick`` runs a reduced version in well
 under a minute and, unless --out is given, writes to a fresh temporary folder
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STUDIES = ("gradient", "speed", "regularization", "results")
+STUDIES = ("gradient", "speed", "regularization", "results", "dp")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     from experiments import (
+        dp_study,
         gradient_study,
         regularization_study,
         results_table,
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed": speed_study,
         "regularization": regularization_study,
         "results": results_table,
+        "dp": dp_study,
     }
     progress = progress_factory(not args.no_progress)
     headlines, start = [], time.perf_counter()
