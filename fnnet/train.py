@@ -387,11 +387,13 @@ def dp_noise(config: TrainConfig, grads: Grads, key: Array, B: int) -> Grads:
         return grads
     std = config.dp_noise * config.dp_clip / B
     leaves, treedef = jax.tree.flatten(grads)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [
-        t + jnp.asarray(std, t.dtype) * jax.random.normal(k, t.shape, t.dtype)
-        for t, k in zip(leaves, keys, strict=True)
-    ]
+    # One draw for every coordinate, cut into the leaves (one random kernel).
+    xi = jax.random.normal(key, (sum(t.size for t in leaves),), leaves[0].dtype)
+    noisy, start = [], 0
+    for t in leaves:
+        part = xi[start : start + t.size].reshape(t.shape)
+        noisy.append(t + jnp.asarray(std, t.dtype) * part)
+        start += t.size
     return jax.tree.unflatten(treedef, noisy)
 
 
@@ -406,11 +408,13 @@ def dp_train_step(net, config, optimizer, state: TrainState, X, Y, key):
     n = X.shape[0]
     B = min(config.batch_size, n)
     cap = dp_chunk_rows(n, B)
-    k_count, k_perm, k_noise, k_rows = jax.random.split(key, 4)
-    # Poisson sampling: the batch size is Binomial(N, q) and, given it, the
-    # batch is a uniformly random subset: the first `count` of a permutation.
-    count = jnp.sum(jax.random.bernoulli(k_count, B / n, (n,)), dtype=jnp.int32)
-    perm = jax.random.permutation(k_perm, n)
+    k_sample, k_noise, k_rows = jax.random.split(key, 3)
+    # Poisson sampling: every example joins independently with probability
+    # q = B / N. A stable sort puts the chosen ones first (the order inside a
+    # batch does not matter to a sum); `count` of them, Binomial(N, q).
+    chosen = jax.random.bernoulli(k_sample, B / n, (n,))
+    count = jnp.sum(chosen, dtype=jnp.int32)
+    perm = jnp.argsort(~chosen, stable=True)
     needs_key = _needs_key(net, config)
 
     def more(carry):

@@ -12,7 +12,7 @@ import pytest
 import fnnet
 from fnnet import core, privacy, train
 from fnnet.cli import main
-from fnnet.train import TrainConfig, fit
+from fnnet.train import TrainConfig
 
 NET = fnnet.MLP((4, 6, 3), activation="tanh", output="softmax", loss="cross_entropy")
 N = 40
@@ -31,11 +31,6 @@ def params(dtype=jnp.float64):
         {"W": jnp.asarray(rng.normal(size=(m, k)), dtype), "b": jnp.zeros(m, dtype)}
         for k, m in zip(NET.sizes[:-1], NET.sizes[1:], strict=True)
     )
-
-
-DP = TrainConfig(
-    epochs=2, batch_size=8, learning_rate=0.3, dp_clip=0.5, dp_noise=1.1, dp_delta=1e-3
-)
 
 
 def test_no_noise_and_no_clipping_is_plain_sgd_exactly():
@@ -84,61 +79,78 @@ def test_epsilon_is_the_accountants_own_figure():
     assert privacy.poisson_schedule(60000, 256) == (q, 60000 // 256)
 
 
+FLAGS = ["--quiet", "--hidden", "8", "--batch-size", "64", "--lr", "0.01"]
+DP_FLAGS = ["--dp-clip", "1", "--dp-noise", "1.1", "--log-noise-scale"]
+
+
 @pytest.fixture(scope="module")
-def dp_runs(tmp_path_factory):
-    X, Y = data()
+def cli_runs(tmp_path_factory):
+    """fnnet train with DP-SGD: 2 epochs straight, and 1 epoch then resumed."""
     tmp = tmp_path_factory.mktemp("dp")
-    full = fit(NET, params(), (X, Y), config=DP, log_noise_scale=True)
-    again = fit(NET, params(), (X, Y), config=DP, log_noise_scale=True)
-    fit(
-        NET,
-        params(),
-        (X, Y),
-        config=dataclasses.replace(DP, epochs=1),
-        checkpoint=tmp / "c.npz",
-        log_noise_scale=True,
-    )
-    resumed = fit(
-        NET,
-        params(),
-        (X, Y),
-        config=DP,
-        checkpoint=tmp / "c.npz",
-        resume=True,
-        log_noise_scale=True,
-    )
-    quiet = fit(NET, params(), (X, Y), config=dataclasses.replace(DP, dp_noise=0.0))
-    other = fit(NET, params(), (X, Y), config=dataclasses.replace(DP, seed=1))
-    return full, again, resumed, quiet, other
+    full, part = tmp / "full", tmp / "part"
+    assert main(["train", "--out", str(full), *FLAGS, "--epochs", "2", *DP_FLAGS]) == 0
+    assert main(["train", "--out", str(part), *FLAGS, "--epochs", "1", *DP_FLAGS]) == 0
+    assert main(["train", "--resume", str(part), "--epochs", "2", "--quiet"]) == 0
+    return full, part
 
 
-def test_noisy_runs_are_reproducible_and_resume_bit_identically(dp_runs):
-    full, again, resumed, quiet, other = dp_runs
-    for run in (again, resumed):
-        for a, b in zip(
-            jax.tree.leaves(full.params), jax.tree.leaves(run.params), strict=True
-        ):
-            np.testing.assert_array_equal(a, b)
-        assert run.history == full.history
-    # The noise is there, and it comes from the run's key (config.seed).
-    differ = [
-        not np.array_equal(a, b)
-        for a, b in zip(
-            jax.tree.leaves(full.params), jax.tree.leaves(quiet.params), strict=True
-        )
-    ]
-    assert all(differ)
-    assert not np.array_equal(full.params[0]["W"], other.params[0]["W"])
+def read_run(out):
+    m = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as f:
+        leaves = {k: f[k] for k in f.files}
+    return m, rows, leaves
 
 
-def test_history_reports_the_epsilon_spent(dp_runs):
-    full, *_, quiet, _ = dp_runs
-    q, steps = B_N = (8 / N, N // 8)
-    assert B_N == privacy.poisson_schedule(N, 8)
-    eps = [r["dp_epsilon"] for r in full.history]
-    assert eps == [privacy.epsilon(1.1, q, steps * e, 1e-3) for e in (1, 2)]
-    assert 0 < eps[0] < eps[1]
-    assert "dp_epsilon" not in quiet.history[-1]  # no noise: no finite epsilon
+def test_noisy_run_resumes_bit_identically(cli_runs):
+    # Everything random (batches, noise) comes from the run's key, so the run
+    # that stopped after epoch 1 and resumed ends bit-identical to the other.
+    (m_full, rows_full, full), (m_part, rows_part, part) = map(read_run, cli_runs)
+    assert full.keys() == part.keys()
+    for k in full:
+        if k.startswith("meta") or full[k].dtype.kind not in "fc":
+            continue
+        np.testing.assert_array_equal(full[k], part[k], err_msg=k)
+    assert rows_full == rows_part
+    assert m_full["test_accuracy"] == m_part["test_accuracy"]
+
+
+def test_noise_comes_from_the_key():
+    g = ({"W": jnp.zeros((3, 2)), "b": jnp.zeros(3)},)
+    cfg = TrainConfig(dp_clip=2.0, dp_noise=1.5)
+    a = train.dp_noise(cfg, g, jax.random.key(0), 4)
+    b = train.dp_noise(cfg, g, jax.random.key(0), 4)
+    c = train.dp_noise(cfg, g, jax.random.key(1), 4)
+    leaves = (jax.tree.leaves(t) for t in (a, b, c))
+    for u, v, w in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(u, v)
+        assert np.all(u != w) and np.all(u != 0)
+    # std sigma C / B = 0.75 per coordinate, on 9 draws: loosely.
+    draws = np.concatenate([np.ravel(t) for t in jax.tree.leaves(a)])
+    assert 0.2 < draws.std() < 2.0
+    off = train.dp_noise(TrainConfig(dp_clip=2.0), g, jax.random.key(0), 4)
+    assert all(np.all(t == 0) for t in jax.tree.leaves(off))
+
+
+def test_history_and_metrics_report_the_epsilon_spent(cli_runs):
+    m, rows, _ = read_run(cli_runs[0])
+    dp = m["dp"]
+    assert dp["delta"] == 1e-5 and dp["sampling"] == "poisson"
+    assert dp["noise_multiplier"] == 1.1 and dp["clip"] == 1.0
+    n = round(64 / dp["sample_rate"])
+    q, steps = privacy.poisson_schedule(n, 64)
+    assert dp["steps"] == 2 * steps and q == dp["sample_rate"]
+    eps = [float(r["dp_epsilon"]) for r in rows]
+    want = [privacy.epsilon(1.1, q, e * steps, 1e-5) for e in (1, 2)]
+    np.testing.assert_allclose(eps, want, rtol=1e-12)
+    assert m["dp_epsilon"] == want[-1] and 0 < eps[0] < eps[1]
+
+
+def test_noise_scale_in_the_history(cli_runs):
+    _, rows, _ = read_run(cli_runs[0])
+    for r in rows:
+        scale, trace, g2 = (float(r[k]) for k in train.NOISE_SCALE_KEYS)
+        assert scale == pytest.approx(trace / g2) and trace > 0
 
 
 def test_noise_scale_estimates_are_the_sample_statistics():
@@ -163,13 +175,6 @@ def test_noise_scale_estimates_are_the_sample_statistics():
     np.testing.assert_allclose(grad_sq, mean @ mean - want_trace / 10, rtol=1e-10)
 
 
-def test_noise_scale_in_the_history(dp_runs):
-    full = dp_runs[0]
-    for r in full.history:
-        assert r["noise_scale"] == pytest.approx(r["noise_trace"] / r["noise_grad_sq"])
-        assert r["noise_trace"] > 0
-
-
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -187,24 +192,12 @@ def test_bad_dp_settings_are_refused(kwargs, message):
         TrainConfig(**kwargs)
 
 
-def test_cli_dp_run_reports_epsilon_and_resumes(tmp_path, capsys):
-    out = tmp_path / "dp"
-    flags = ["--quiet", "--hidden", "8", "--batch-size", "64", "--lr", "0.01"]
-    dp = ["--dp-clip", "1", "--dp-noise", "1.0", "--log-noise-scale"]
-    assert main(["train", "--out", str(out), *flags, "--epochs", "2", *dp]) == 0
-    assert main(["train", "--resume", str(out), "--epochs", "3", "--quiet"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    rows = list(csv.DictReader((out / "history.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert m["dp"]["delta"] == 1e-5 and m["dp"]["sampling"] == "poisson"
-    q, steps = m["dp"]["sample_rate"], m["dp"]["steps"]
-    assert m["dp_epsilon"] == privacy.epsilon(1.0, q, steps, 1e-5)
-    assert float(rows[-1]["dp_epsilon"]) == pytest.approx(m["dp_epsilon"])
-    assert all(float(r["noise_scale"]) != 0 for r in rows)
-    # Bad flags speak the user's language and exit 2.
-    capsys.readouterr()
+def test_bad_dp_flags_exit_2_in_the_flags_words(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "x"), "--dp-noise", "1"]) == 2
     assert "--dp-noise 1.0 needs --dp-clip C" in capsys.readouterr().err
     bad = ["--dp-clip", "1", "--grad", "auto"]
     assert main(["train", "--out", str(tmp_path / "y"), *bad]) == 2
     assert "--dp-clip needs --grad hand" in capsys.readouterr().err
+    bad = ["--dp-clip", "inf", "--dp-noise", "1"]
+    assert main(["train", "--out", str(tmp_path / "z"), *bad]) == 2
+    assert "needs a finite --dp-clip" in capsys.readouterr().err
