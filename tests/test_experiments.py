@@ -134,3 +134,19 @@ def test_speed_written_or_skipped_with_a_reason(quick):
     assert all(float(r["hand_ms"]) > 0 and float(r["auto_ms"]) > 0 for r in rows)
     assert files[0].with_suffix(".png").exists()
     assert files[0].with_suffix(".md").exists()
+
+
+def test_dp_study(quick):
+    out, _ = quick
+    rows = read_csv(out / "dp_study.csv")
+    assert {"none", "1.5"} <= {r["sigma"] for r in rows}
+    for r in rows:
+        assert 0.0 <= float(r["test_accuracy"]) <= 1.0
+        if r["sigma"] not in ("none", "0.0"):
+            assert 0 < float(r["epsilon"]) < 100
+    curve = read_csv(out / "dp_noise_scale.csv")
+    assert curve and all(float(c["noise_trace"]) > 0 for c in curve)
+    speed = {r["kind"] for r in read_csv(out / "dp_speed.csv")}
+    assert speed == {"hand step", "norms", "clipped", "vmap norms", "vmap clipped"}
+    assert (out / "dp_study.png").stat().st_size > 0
+    assert "test accuracy" in (out / "dp_study.md").read_text()
