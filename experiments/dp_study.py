@@ -71,7 +71,11 @@ def run(out: Path, quick: bool, progress) -> list[str]:
         rows.append(row)
         if log:
             keys = ("noise_scale", "noise_trace", "noise_grad_sq", "train_loss")
-            curve = [{"epoch": h["epoch"]} | {k: h[k] for k in keys} for h in history]
+            curve = [
+                {"epoch": h["epoch"], "n_train": row["n_train"]}
+                | {k: h[k] for k in keys}
+                for h in history
+            ]
     speed = speed_rows(quick)
     write_csv(out / "dp_study.csv", rows)
     write_csv(out / "dp_noise_scale.csv", curve)
@@ -149,8 +153,21 @@ def plot(path, summary, curve):
     ax.set_ylabel("digits test accuracy")
     ax.set_title("privacy against accuracy")
     ax.legend(fontsize=8)
+    # Late in training |G|^2 falls below its own estimation noise and its
+    # estimate (so B_simple's) can come out negative: shown apart, as |value|.
+    pos = [c for c in curve if c["noise_scale"] > 0]
+    neg = [c for c in curve if c["noise_scale"] <= 0]
+    bx.plot([c["epoch"] for c in pos], [c["noise_scale"] for c in pos], "o-",
+            label="B_simple")  # fmt: skip
+    if neg:
+        what = "|B_simple| of a negative estimate (|G|^2 lost in noise)"
+        xs, ys = [c["epoch"] for c in neg], [-c["noise_scale"] for c in neg]
+        bx.plot(xs, ys, "rx", label=what)
     if curve:
-        bx.plot([c["epoch"] for c in curve], [c["noise_scale"] for c in curve])
+        bx.axhline(curve[0]["n_train"], color="gray", linestyle=":",
+                   label="training set size N")  # fmt: skip
+    bx.set_yscale("log")
+    bx.legend(fontsize=8)
     bx.set_xlabel("epoch")
     bx.set_ylabel("B_simple = tr(Sigma) / |G|^2")
     bx.set_title("gradient noise scale, non-private run, seed 0")
@@ -184,11 +201,14 @@ def markdown(path, summary, curve, speed, epochs, seeds, quick) -> list[str]:
         )
     if curve:
         first, last = curve[0], curve[-1]
+        neg = [c["epoch"] for c in curve if c["noise_scale"] <= 0]
         lines += [
             "",
-            f"Gradient noise scale B_simple (non-private run, seed {seeds[0]}): "
+            f"Gradient noise scale B_simple (non-private run, seed {seeds[0]}, "
+            f"N = {first['n_train']} training examples): "
             f"{first['noise_scale']:.3g} after epoch 1, {last['noise_scale']:.3g} "
-            f"after epoch {last['epoch']}.",
+            f"after epoch {last['epoch']}; negative estimates (|G|^2 below its "
+            f"estimation noise) after epochs {neg or 'none'}.",
         ]
     lines += [
         "",
