@@ -710,7 +710,9 @@ def fit(
     :func:`dp_train_step` (Poisson batches, clipped per-example gradients,
     Gaussian noise from the run's key); with ``dp_noise > 0`` and
     ``dp_delta`` every record also holds ``dp_epsilon``, the epsilon spent
-    so far (:mod:`fnnet.privacy`).
+    so far (:mod:`fnnet.privacy`). epsilon covers the parameters; the
+    records' training-set statistics (batch_loss, train loss and metric,
+    the noise scale) are computed without noise and are not covered.
 
     Returns:
       A :class:`FitResult`: with early stopping (``config.patience``) its
