@@ -229,7 +229,7 @@ def markdown(path, summary, curve, speed, epochs, seeds, quick) -> list[str]:
     best = [s for s in summary if s["sigma"] not in ("none", "0.0")]
     head = [
         f"dp: {label(s)}: epsilon {s['epsilon']:.3g}, accuracy {s['accuracy_mean']:.3f}"
-        for s in best[:1] + best[-1:]
+        for s in (best[:1] + best[-1:] if len(best) > 1 else best)
     ]
     base = [s for s in summary if s["sigma"] == "none"]
     if base:
