@@ -160,7 +160,9 @@ def backward(
 # --- per-example gradient statistics from the batch's rows (eqs. 25-27) -----
 
 
-def layer_deltas(params: Params, trace, delta_L: Array, hidden: Sequence) -> list:
+def layer_deltas(
+    params: Params, trace, delta_L: Array, hidden: Sequence, precision=None
+) -> list:
     """The rows Delta^(1..L) of every layer (eq. 13), without parameter gradients.
 
     The same recursion, in the same order of operations, as :func:`backward`;
@@ -169,7 +171,8 @@ def layer_deltas(params: Params, trace, delta_L: Array, hidden: Sequence) -> lis
     product (eq. 27).
 
     Args:
-      params, trace, delta_L, hidden: as for :func:`backward`, on a batch.
+      params, trace, delta_L, hidden, precision: as for :func:`backward`,
+        on a batch.
 
     Returns:
       A list of L arrays, entry l - 1 of shape (N, M_l): row i is
@@ -189,7 +192,7 @@ def layer_deltas(params: Params, trace, delta_L: Array, hidden: Sequence) -> lis
         deltas[l] = delta
         if l == 0:
             break
-        dz = propagate(params[l]["W"], delta)
+        dz = propagate(params[l]["W"], delta, precision)
         if trace.masks is not None:
             dz = dropout_backward(trace.masks[l - 1], None, dz)[1]
         _, delta = hidden[l - 1].backward(None, trace.caches[l - 1], dz)
@@ -226,11 +229,13 @@ def per_example_sq_norms(delta: Array, z_prev: Array) -> Array:
     return jnp.sum(jnp.square(delta), axis=-1) * (z_sq + 1)
 
 
-def weighted_grads(delta: Array, z_prev: Array, c: Array) -> dict[str, Array]:
+def weighted_grads(
+    delta: Array, z_prev: Array, c: Array, precision=None
+) -> dict[str, Array]:
     """sum_i c_i delta_i z_i^T and sum_i c_i delta_i: (c * Delta)^T Z (eq. 26).
 
     One product of the size of the batch gradient (eq. 14), on rows scaled
-    by ``c`` (N,).
+    by ``c`` (N,), at ``precision`` (see :func:`propagate`).
     """
     scaled = delta * c[:, None]
-    return {"W": weight_grad(scaled, z_prev), "b": bias_grad(scaled)}
+    return {"W": weight_grad(scaled, z_prev, precision), "b": bias_grad(scaled)}

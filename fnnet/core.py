@@ -223,7 +223,11 @@ def rows_and_deltas(net, params: Params, x: Array, y: Array, masks=None, scale=N
     _, delta_L = blocks.head(net.output, net.loss).backward(y, (a, yhat), float(len(x)))
     if scale is not None:
         delta_L = delta_L * jnp.asarray(scale, delta_L.dtype)
-    return trace, L_i, bw.layer_deltas(params, trace, delta_L, net.hidden_blocks)
+    return (
+        trace,
+        L_i,
+        bw.layer_deltas(params, trace, delta_L, net.hidden_blocks, net.precision),
+    )
 
 
 def _sq_norms(trace, deltas, scale) -> Array:
@@ -257,7 +261,7 @@ def per_example_norms(net, params: Params, x: Array, y: Array, masks=None):
     scale = 1.0 / len(x)  # the rows of the mean cost, as in backprop
     trace, L_i, deltas = rows_and_deltas(net, params, x, y, masks, scale)
     grads = [
-        {"W": bw.weight_grad(d, z), "b": bw.bias_grad(d)}
+        {"W": bw.weight_grad(d, z, net.precision), "b": bw.bias_grad(d)}
         for d, z in zip(deltas, trace.z, strict=False)
     ]
     sq = _sq_norms(trace, deltas, scale)
@@ -314,7 +318,10 @@ def clipped_grads(
     trace, L_i, deltas = rows_and_deltas(net, params, x, y, masks, scale)
     norms = jnp.sqrt(jnp.sum(_sq_norms(trace, deltas, scale), axis=1))
     c = clip_factors(norms, clip, weights)
-    grads = [bw.weighted_grads(d, z, c) for d, z in zip(deltas, trace.z, strict=False)]
+    grads = [
+        bw.weighted_grads(d, z, c, net.precision)
+        for d, z in zip(deltas, trace.z, strict=False)
+    ]
     return ClippedGrads(jnp.mean(L_i), L_i, _as_params(params, grads), norms, c)
 
 

@@ -134,3 +134,21 @@ def test_cli_precision_flag(capsys):
         main([*args, "--precision", "tf32"])
     assert err.value.code == 2
     assert "--precision: invalid choice: 'tf32'" in capsys.readouterr().err
+
+
+def test_precision_reaches_per_example_norms_and_clipping():
+    net = fnnet.MLP((3, 5, 3), "tanh", "softmax", "cross_entropy", precision="high")
+    params = net.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float32)
+    y = jnp.asarray([0, 1, 2, 0, 1, 2])
+    programs = {
+        "norms": jax.make_jaxpr(lambda p: net.per_example_norms(p, x, y))(params),
+        "clipped": jax.make_jaxpr(lambda p: net.clipped_grads(p, x, y, clip=1.0))(
+            params
+        ),
+    }
+    for path, jaxpr in programs.items():
+        found = _dot_precisions(jaxpr)
+        # forward 2 products, backward: 1 propagation and 2 weight products.
+        assert len(found) >= 5, (path, found)
+        assert all(p == (P.HIGH, P.HIGH) for p in found), (path, found)
