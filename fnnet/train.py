@@ -322,19 +322,26 @@ def run_epoch(net, config, optimizer, state: TrainState, X, Y, key, *, sharding=
     B = min(config.batch_size, n)
     nb = n // B
     k_perm, k_steps = jax.random.split(key)
-    perm = jax.random.permutation(k_perm, n)[: nb * B]
-    Xb = X[perm].reshape(nb, B, *X.shape[1:])
-    Yb = Y[perm].reshape(nb, B, *Y.shape[1:])
-    if sharding is not None:
-        Xb = jax.lax.with_sharding_constraint(Xb, sharding)
-        Yb = jax.lax.with_sharding_constraint(Yb, sharding)
+    # Only the indices are permuted; each step gathers its own B rows, so no
+    # shuffled copy of the data is ever built (the batches are the same as
+    # those of X[perm] cut into blocks of B).
+    perm = jax.random.permutation(k_perm, n)[: nb * B].reshape(nb, B)
+    perm = perm.astype(jnp.uint32)
     keys = jax.random.split(k_steps, nb) if _needs_key(net, config) else None
 
     def body(st, batch):
-        x, y, k = batch
+        idx, k = batch
+        # Unsigned indices known to be in bounds: a plain gather, with no
+        # wrapping of negative indices and no out-of-bounds fill.
+        x = X.at[idx].get(mode="promise_in_bounds")
+        y = Y.at[idx].get(mode="promise_in_bounds")
+        if sharding is not None:
+            step_sharding = NamedSharding(sharding.mesh, PartitionSpec("batch"))
+            x = jax.lax.with_sharding_constraint(x, step_sharding)
+            y = jax.lax.with_sharding_constraint(y, step_sharding)
         return train_step(net, config, optimizer, st, x, y, k)
 
-    new_state, batch_losses = jax.lax.scan(body, state, (Xb, Yb, keys))
+    new_state, batch_losses = jax.lax.scan(body, state, (perm, keys))
     ok = jnp.all(jnp.isfinite(batch_losses)) & _all_finite(new_state.params)
     kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     return kept, batch_losses, ok
