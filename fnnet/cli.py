@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -34,6 +35,7 @@ import numpy as np
 
 from fnnet import checkpoint as ckpt
 from fnnet import data as fdata
+from fnnet import stream as fstream
 from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, Activation
 from fnnet.blocks import Block
 from fnnet.losses import LOSSES, Loss
@@ -52,6 +54,7 @@ from fnnet.train import (
     OPTIMIZERS,
     TrainConfig,
     evaluate,
+    evaluate_chunks,
     fit,
     grad_check_columns,
     grad_check_summary,
@@ -118,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--val-fraction", type=float, default=0.15, help="validation share")
     g.add_argument("--test-fraction", type=float, default=0.2, help="test share")
+    g.add_argument(
+        "--chunk-rows",
+        type=_positive_int,
+        default=None,
+        metavar="R",
+        help="stream the data from disk in chunks of R rows (host memory: a few "
+        "chunks); on by default for a .npy file or a folder of .npy shards "
+        f"(R = {fstream.DEFAULT_CHUNK_ROWS}), and for an .npz file when given. "
+        "A .npy file holds the features then the target in its last column",
+    )
 
     g = p.add_argument_group("network")
     g.add_argument(
@@ -505,6 +518,7 @@ def _settings(args) -> dict:
         for key, value in (("dp_clip", None), ("dp_noise", 0.0), ("dp_delta", None)):
             saved.setdefault(key, value)
         saved.setdefault("log_noise_scale", False)
+        saved.setdefault("chunk_rows", None)
         if args.check_every is not None:
             saved["check_every"] = args.check_every
         saved["quiet"] = args.quiet
@@ -577,9 +591,55 @@ def _precision(dtype: str):
     return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
 
 
+def _streamed(s: dict) -> bool:
+    """Whether the run streams its data from disk (see --chunk-rows)."""
+    data = str(s["data"])
+    if data in fdata.BUILTIN:
+        if s.get("chunk_rows") is not None:
+            raise ValueError(
+                f"--chunk-rows streams a .npy, .npz or shard folder from disk; "
+                f"{data} is a bundled data set"
+            )
+        return False
+    return s.get("chunk_rows") is not None or fstream.is_stream_path(data)
+
+
+def _stream_data(s: dict, task, extensions):
+    """The streamed data set, its network, and its train/val/test chunk sources."""
+    ds = fstream.open_stream(
+        s["data"],
+        chunk_rows=s.get("chunk_rows") or fstream.DEFAULT_CHUNK_ROWS,
+        task=task,
+        val_fraction=s["val_fraction"],
+        test_fraction=s["test_fraction"],
+        seed=s["seed"],
+    )
+    if ds.task == "classification" and s["loss"] == "bce":
+        raise ValueError(
+            f"--loss bce is not available for streamed data ({s['data']}); use "
+            "cross_entropy"
+        )
+    # _network reads only the shape of the problem when no targets need recoding.
+    shape = types.SimpleNamespace(
+        task=ds.task,
+        num_features=ds.num_features,
+        num_outputs=ds.num_outputs,
+        y_train=None,
+        y_val=None,
+        y_test=None,
+    )
+    net = _network(s, shape, *extensions)[0]
+    val = ds.source("val") if ds.sizes[1] else None
+    test = ds.source("test") if ds.sizes[2] else None
+    return net, ds.source("train"), val, test
+
+
 def _run_training(s: dict, out: Path, resume: bool) -> int:
     extensions = _extensions(s["activation"], s["output"], s["loss"])
     task = None if s["task"] == "auto" else s["task"]
+    if _streamed(s):
+        net, train_data, val_data, test_data = _stream_data(s, task, extensions)
+        return _train_and_report(s, out, resume, net, train_data, val_data, test_data)
     ds = fdata.load_dataset(
         s["data"],
         target=_target(s["target"]),
@@ -589,6 +649,13 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
         seed=s["seed"],
     )
     net, y_tr, y_va, y_te = _network(s, ds, *extensions)
+    val_data = (ds.x_val, y_va) if len(ds.x_val) > 0 else None
+    train_data, test_data = (ds.x_train, y_tr), (ds.x_test, y_te)
+    return _train_and_report(s, out, resume, net, train_data, val_data, test_data)
+
+
+def _train_and_report(s, out, resume, net, train_data, val_data, test_data) -> int:
+    """Train on arrays or chunk sources, then write the run's files."""
     config = TrainConfig(
         epochs=s["epochs"],
         batch_size=s["batch_size"],
@@ -606,7 +673,7 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
         dp_noise=s["dp_noise"],
         dp_delta=s["dp_delta"],
     )
-    has_val = len(ds.x_val) > 0
+    has_val = val_data is not None
     if config.patience is not None and not has_val:
         raise ValueError("--patience needs a validation split (--val-fraction > 0)")
     params = net.init(jax.random.key(s["seed"]), dtype=jnp.dtype(s["dtype"]))
@@ -629,8 +696,8 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
     result = fit(
         net,
         params,
-        (ds.x_train, y_tr),
-        (ds.x_val, y_va) if has_val else None,
+        train_data,
+        val_data,
         config,
         checkpoint=out / CHECKPOINT_FILE,
         resume=resume,
@@ -642,7 +709,12 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
     )
     if bar is not None:
         bar.close()
-    test = evaluate(net, result.params, ds.x_test, y_te)
+    if isinstance(test_data, tuple):
+        test = evaluate(net, result.params, *test_data)
+    elif test_data is not None:
+        test = evaluate_chunks(net, result.params, test_data)
+    else:
+        test = {"loss": float("nan"), metric_name(net): float("nan")}
     metric = metric_name(net)
     metrics = {
         f"test_{metric}": test[metric],

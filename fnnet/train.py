@@ -33,7 +33,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -527,6 +527,128 @@ def _evaluation_record(net, params, X, Y) -> dict[str, float]:
     return {"loss": float(J), metric_name(net): float(m)}
 
 
+#: Rows per evaluation call: larger arrays are evaluated in slices of this
+#: many rows (see :func:`evaluate_chunks`), so evaluating a big training set
+#: never holds its hidden activations all at once.
+EVAL_ROWS = 65536
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluation_parts(net, params, X, Y):
+    """What :func:`evaluate_chunks` merges: the loss, and the metric's parts."""
+    trace = core.forward_cache(net, params, X)
+    J, yhat = core.mean_loss(net, trace, Y), trace.z[-1]
+    if metric_name(net) == "accuracy":
+        return J, core.metric(net, yhat, Y)
+    mean = jnp.mean(Y, axis=0)
+    m2 = jnp.sum(jnp.square(Y - mean[None]), axis=0)
+    return J, (jnp.sum(jnp.square(Y - yhat), axis=0), mean, m2)
+
+
+def evaluate_chunks(net: MLP, params: Params, chunks) -> dict[str, float]:
+    """:func:`evaluate` over data given in chunks, merged exactly.
+
+    The cost J and the accuracy are means over all rows (chunk means weighted
+    by their rows); R^2 merges each chunk's residual sum of squares and its
+    targets' mean and squared deviations (Chan et al.'s update, float64), so
+    nothing depends on how the rows were cut. One chunk gives exactly
+    :func:`evaluate`'s numbers; several agree with it up to rounding.
+
+    Args:
+      net: the network.
+      params: its parameters.
+      chunks: an iterable of (x, y) pairs, each checked like
+        :func:`evaluate`'s arguments (empty chunks are skipped).
+
+    Returns:
+      ``{"loss": J, metric: value}`` as :func:`evaluate`.
+    """
+    metric = metric_name(net)
+    parts, first = [], None  # the first chunk waits: alone, it is evaluate's case
+
+    def add(X, Y):
+        parts.append((X.shape[0], jax.device_get(_evaluation_parts(net, params, X, Y))))
+
+    for x, y in chunks:
+        if len(x) == 0:
+            continue
+        X, Y = to_device(net, params, *net.validate(params, x, y, batch=True))
+        del x, y
+        if first is None and not parts:
+            first = (X, Y)
+            continue
+        if first is not None:
+            add(*first)
+            first = None
+        add(X, Y)
+        del X, Y
+    if first is not None:
+        return _evaluation_record(net, params, *first)
+    if not parts:
+        raise ValueError("evaluate_chunks needs at least one row; got no chunks")
+    return _merged_evaluation(metric, parts)
+
+
+def _merged_evaluation(metric: str, parts) -> dict[str, float]:
+    """One record from (rows, evaluation parts) pairs; see :func:`evaluate_chunks`."""
+    n = sum(k for k, _ in parts)
+    loss = sum(k * float(J) for k, (J, _) in parts) / n
+    if metric == "accuracy":
+        value = sum(k * float(m) for k, (_, m) in parts) / n
+        return {"loss": loss, metric: value}
+    ss_res, count, mean, m2 = 0.0, 0, 0.0, 0.0
+    for k, (_, (res, mb, m2b)) in parts:
+        mb, m2b = np.asarray(mb, np.float64), np.asarray(m2b, np.float64)
+        ss_res = ss_res + np.asarray(res, np.float64)
+        total = count + k
+        delta = mb - mean
+        mean = mean + delta * (k / total)
+        m2 = m2 + m2b + np.square(delta) * (count * k / total)
+        count = total
+    return {"loss": loss, metric: float(np.mean(1.0 - ss_res / m2))}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _slice_parts(net, params, X, Y, start, rows):
+    """:func:`_evaluation_parts` of rows start:start + rows, sliced in the call."""
+    x = jax.lax.dynamic_slice_in_dim(X, start, rows)
+    y = jax.lax.dynamic_slice_in_dim(Y, start, rows)
+    return _evaluation_parts(net, params, x, y)
+
+
+def _evaluate_prepared(net, params, X, Y) -> dict[str, float]:
+    """The evaluation record of prepared arrays, ``EVAL_ROWS`` rows per call.
+
+    Up to ``EVAL_ROWS`` rows: :func:`evaluate`'s numbers exactly. Beyond, the
+    slices are cut inside the compiled calls (no sliced copies) and merged
+    as :func:`evaluate_chunks` merges chunks.
+    """
+    n = X.shape[0]
+    if n <= EVAL_ROWS:
+        return _evaluation_record(net, params, X, Y)
+    parts = []
+    for start in range(0, n, EVAL_ROWS):
+        rows = min(EVAL_ROWS, n - start)
+        got = _slice_parts(net, params, X, Y, start, rows)
+        parts.append((rows, jax.device_get(got)))
+    return _merged_evaluation(metric_name(net), parts)
+
+
+def to_device(net: MLP, params: Params, x, y):
+    """Checked (x, y) as device arrays in the parameters' dtype, copied once.
+
+    ``jax.device_put`` copies host data once; ``jnp.asarray`` of a NumPy array
+    would hold a second temporary copy. Host features in another dtype are
+    converted on the host first, so the device never holds both dtypes.
+    """
+    dtype = params[0]["W"].dtype
+    if isinstance(x, np.ndarray) and x.dtype != dtype:
+        x = x.astype(dtype)
+    if isinstance(y, np.ndarray) and y.dtype.kind == "f" and y.dtype != dtype:
+        y = y.astype(dtype)
+    return core.prepare(net, params, *jax.device_put((x, y)))
+
+
 # ------------------------------------------------- verification during training
 
 #: Rows of the training set (the first ones) that the gradient check uses.
@@ -665,8 +787,8 @@ class FitResult:
 def fit(
     net: MLP,
     params: Params,
-    train: tuple[Array, Array],
-    val: tuple[Array, Array] | None = None,
+    train: tuple[Array, Array] | Iterable[tuple[Array, Array]],
+    val: tuple[Array, Array] | Iterable[tuple[Array, Array]] | None = None,
     config: TrainConfig = TrainConfig(),
     *,
     optimizer: optax.GradientTransformation | None = None,
@@ -683,8 +805,22 @@ def fit(
     Args:
       net: the network (its ``keep_prob`` turns dropout on).
       params: initial parameters (also the template when resuming).
-      train: (x, y) training arrays, checked like :meth:`MLP.backprop`'s.
-      val: optional (x, y) validation arrays for early stopping and history.
+      train: (x, y) training arrays, checked like :meth:`MLP.backprop`'s; or
+        a re-iterable source of (x, y) chunks (any iterable that is not a
+        tuple or list, e.g. :meth:`fnnet.stream.StreamData.source`), for
+        data larger than memory. Each epoch then runs the compiled epoch on
+        one chunk after the other: the chunks come from
+        ``train.shuffled(config.seed, epoch)`` when the source has that
+        method (else from ``iter(train)``) and each chunk's rows are shuffled
+        as arrays' are. Chunk i of an epoch uses the key
+        ``chunk_key(epoch_key, i)``, which is the epoch key itself for i = 0,
+        so one chunk holding all the rows trains exactly like the arrays.
+        Each chunk leaves out its last ``rows mod batch_size`` shuffled rows;
+        every new chunk shape compiles the epoch once. Training metrics come
+        from a second pass over ``iter(train)`` (see
+        :func:`evaluate_chunks`).
+      val: optional (x, y) validation arrays (or a chunk source) for early
+        stopping and history.
       config: the run's settings; ``config.seed`` seeds shuffling, dropout
         and noise (initialisation is the caller's, from its own key).
       optimizer: any optax transformation fed by the hand gradients; default
@@ -729,6 +865,12 @@ def fit(
     """
     if config.patience is not None and val is None:
         raise ValueError("config.patience needs a validation split, got val=None")
+    streamed = is_chunk_source(train)
+    if streamed and (devices is not None or check_every is not None):
+        raise ValueError(
+            "devices and check_every need train as (x, y) arrays; got a chunk "
+            f"source {type(train).__name__}"
+        )
     if check_every is not None and (
         isinstance(check_every, bool)
         or not isinstance(check_every, int)
@@ -744,18 +886,23 @@ def fit(
             raise ValueError(
                 f"DP-SGD (config.dp_clip) runs on one device, got devices={devices!r}"
             )
+        if streamed:
+            raise ValueError(f"{what} needs the training data in memory, not chunks")
         try:
             bw.check_outer_product_blocks(net.hidden_blocks)
         except ValueError as err:
             raise ValueError(f"{what}: {err}") from None
-    X, Y = core.prepare(net, params, *net.validate(params, *train, batch=True))
+    if streamed:
+        X = Y = None
+    else:
+        X, Y = to_device(net, params, *net.validate(params, *train, batch=True))
     if log_noise_scale and min(config.batch_size, X.shape[0]) < 2:
         raise ValueError(
             "log_noise_scale needs batch_size >= 2 (it compares single examples "
             f"with batches), got {config.batch_size}"
         )
-    if val is not None:
-        val = core.prepare(net, params, *net.validate(params, *val))
+    if val is not None and not is_chunk_source(val):
+        val = to_device(net, params, *net.validate(params, *val))
     if optimizer is None:
         optimizer = make_optimizer(config)
     sharding = None
@@ -793,9 +940,14 @@ def fit(
             break
         epoch = loop.epoch + 1
         key = epoch_key(base_key, epoch)
-        state, batch_losses, ok = run_epoch_jit(
-            net, step_config, optimizer, state, X, Y, key, sharding=sharding
-        )
+        if streamed:
+            state, batch_losses, ok = _stream_epoch(
+                net, step_config, optimizer, state, train, key, config.seed, epoch
+            )
+        else:
+            state, batch_losses, ok = run_epoch_jit(
+                net, step_config, optimizer, state, X, Y, key, sharding=sharding
+            )
         if not bool(ok):
             stopped = "non_finite"
             message = (
@@ -804,11 +956,17 @@ def fit(
             )
             break
         record = {"epoch": epoch, "batch_loss": float(jnp.mean(batch_losses))}
-        train_eval = _evaluation_record(net, state.params, X, Y)
+        if streamed:
+            train_eval = evaluate_chunks(net, state.params, train)
+        else:
+            train_eval = _evaluate_prepared(net, state.params, X, Y)
         record["train_loss"], record[f"train_{metric}"] = train_eval.values()
         improved = True
         if val is not None:
-            val_eval = _evaluation_record(net, state.params, *val)
+            if is_chunk_source(val):
+                val_eval = evaluate_chunks(net, state.params, val)
+            else:
+                val_eval = _evaluate_prepared(net, state.params, *val)
             record["val_loss"], record[f"val_{metric}"] = val_eval.values()
             improved = val_eval["loss"] < loop.best_val
             if improved:
@@ -840,6 +998,53 @@ def fit(
         train_seconds=seconds,
         message=message,
     )
+
+
+def is_chunk_source(data) -> bool:
+    """Whether ``fit`` takes ``data`` as chunks: an iterable, not a tuple or list.
+
+    Raises TypeError for a one-shot iterator (it could feed one pass only).
+    """
+    if isinstance(data, (tuple, list)) or not isinstance(data, Iterable):
+        return False
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"a chunk source must be re-iterable (each epoch and each evaluation "
+            f"reads it again); got the one-shot iterator {type(data).__name__}: "
+            "pass an object whose __iter__ starts a new pass"
+        )
+    return True
+
+
+def chunk_key(key: Array, i: int) -> Array:
+    """The key of chunk ``i`` of an epoch with key ``key``: ``key`` itself for i = 0."""
+    return key if i == 0 else jax.random.fold_in(key, i)
+
+
+def _stream_epoch(net, config, optimizer, state, source, key, seed, epoch):
+    """One epoch over a chunk source: the compiled epoch on chunk after chunk.
+
+    Returns ``(state, losses, ok)`` like :func:`run_epoch`; when a chunk goes
+    non-finite, the state from before the whole epoch.
+    """
+    before = _copy(state)
+    chunks = source.shuffled(seed, epoch) if hasattr(source, "shuffled") else source
+    params, losses, i = state.params, [], 0
+    for x, y in chunks:
+        if len(x) == 0:
+            continue
+        X, Y = to_device(net, params, *net.validate(params, x, y, batch=True))
+        state, batch_losses, ok = run_epoch_jit(
+            net, config, optimizer, state, X, Y, chunk_key(key, i)
+        )
+        del x, y, X, Y  # the chunk goes before the next one arrives
+        if not bool(ok):
+            return before, jnp.zeros((0,)), False
+        losses.append(batch_losses)
+        params, i = state.params, i + 1
+    if not losses:
+        raise ValueError("train (a chunk source) gave no rows in this epoch")
+    return state, jnp.concatenate(losses), True
 
 
 def _copy(tree):
