@@ -21,7 +21,9 @@ fixed seed) side by side in one process:
   imported as ``fnnet_baseline`` (the working tree is not touched); its hand
   epoch is timed in alternation with the library's on the small and medium
   workloads. Without git or the revision it says "baseline skipped: <why>";
-* compile time of a 4-layer training step, and memory over 50 epochs.
+* compile time of a 4-layer training step, and memory over 50 epochs;
+* with ``--data-scale``, only the data-scale section (experiments/data_scale.py):
+  peak RSS and time per step of ``fit`` at several N, each N in a fresh process.
 
 Timings are medians over interleaved rounds (every implementation once per
 round, in rotating order) after a warm-up, because shared machines are noisy;
@@ -35,6 +37,7 @@ Run from the repository root:
     python experiments/benchmark.py --memory        # the memory section only
     python experiments/benchmark.py --per-example --workloads small,medium
                                                     # per-example norms, clipping
+    python experiments/benchmark.py --data-scale --data-scale-rows 100000,1000000
     python experiments/benchmark.py --workloads small,medium --no-peers \
         --baseline-rev b5dbbd5                      # no speed loss since b5dbbd5?
 
@@ -1787,6 +1790,18 @@ def main(argv: list[str] | None = None) -> int:
         help="only the per-example norms and clipping section",
     )
     parser.add_argument(
+        "--data-scale",
+        action="store_true",
+        help="only the data-scale section: peak RSS and time per step per N",
+    )
+    parser.add_argument(
+        "--data-scale-rows",
+        default=None,
+        metavar="N,N,...",
+        help="rows of the data-scale section, smallest first (default 50000,500000; "
+        "the issue's 100000,1000000,4000000)",
+    )
+    parser.add_argument(
         "--baseline-rev",
         default=BASELINE_REV,
         metavar="REV",
@@ -1810,6 +1825,13 @@ def main(argv: list[str] | None = None) -> int:
         "(default: on when JAX's backend is a GPU); writes benchmark_gpu.md",
     )
     args = parser.parse_args(argv)
+    if args.data_scale:
+        try:
+            from experiments import data_scale
+        except ImportError:  # run as a script: experiments/ itself is on sys.path
+            import data_scale
+        extra = ["--rows", args.data_scale_rows] if args.data_scale_rows else []
+        return data_scale.main([*extra, "--out", str(args.out)])
     gpu = args.gpu_workloads
     if gpu or (gpu is None and jax.default_backend() == "gpu"):
         return accelerator_main(args, args.out)
