@@ -73,7 +73,12 @@ def point(n: int, epochs: int, rounds: int) -> dict:
     result = train.fit(net, params, (x, y), None, config)
     peak = _peak_mib()
 
-    X, Y = train.to_device(net, params, x, y)
+    if hasattr(train, "to_device"):
+        X, Y = train.to_device(net, params, x, y)
+    else:  # an fnnet from before it (PYTHONPATH=<older checkout>), to compare
+        from fnnet import core
+
+        X, Y = core.prepare(net, params, x, y)
     opt = train.make_optimizer(config)
     state = result.state  # donated to the timed epochs; fit is done with it
     steps, times = n // BATCH, []
