@@ -20,6 +20,8 @@ Run from the repository root (also ``python experiments/benchmark.py
 
     python experiments/data_scale.py                        # 50k and 500k rows
     python experiments/data_scale.py --rows 100000,1000000,4000000
+    python experiments/data_scale.py --device-data     # fit given a device array
+    python experiments/data_scale.py --stream 400000   # arrays vs streamed .npy
 
 Prints a table and writes ``data_scale_<platform>.md`` to ``--out``.
 """
@@ -54,8 +56,12 @@ def _peak_mib() -> float:
     return peak / 1024 if sys.platform == "darwin" else peak
 
 
-def point(n: int, epochs: int, rounds: int) -> dict:
-    """One N, in this process: data MiB, peak RSS MiB, µs per step."""
+def point(n: int, epochs: int, rounds: int, device_data: bool = False) -> dict:
+    """One N, in this process: data MiB, peak RSS MiB, µs per step.
+
+    ``device_data``: hand ``fit`` a device array and drop the NumPy copy
+    first (the way to hold the data once on a CPU).
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -65,6 +71,9 @@ def point(n: int, epochs: int, rounds: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, FEATURES), dtype=np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
+    data_mib = (x.nbytes + y.nbytes) / 2**20
+    if device_data:
+        x = jax.block_until_ready(jax.device_put(x))
     net = MLP(sizes=(FEATURES, HIDDEN, CLASSES), output="softmax", loss="cross_entropy")
     params = net.init(jax.random.key(0), jnp.float32)
     config = train.TrainConfig(
@@ -93,20 +102,109 @@ def point(n: int, epochs: int, rounds: int) -> dict:
             times.append(time.perf_counter() - start)
     return {
         "rows": n,
-        "data_mib": (x.nbytes + y.nbytes) / 2**20,
+        "data_mib": data_mib,
         "peak_mib": peak,
         "us_per_step": 1e6 * statistics.median(times) / steps,
         "finite": bool(ok),
     }
 
 
-def run(rows: list[int], epochs: int, rounds: int) -> list[dict]:
+def _write_table(path: Path, n: int, seed: int = 0) -> None:
+    """n rows of FEATURES float32 features and a 0/1 label, written in pieces."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (n, FEATURES + 1)
+    with open(path, "wb") as f:
+        header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, n, 100_000):
+            block = rng.standard_normal((min(100_000, n - start), shape[1]), np.float32)
+            block[:, -1] = block[:, 0] + block[:, 1] > 0
+            block.tofile(f)
+
+
+def stream_cost(n: int, chunk_rows: int, rounds: int) -> str:
+    """fit on arrays vs fit streaming the same .npy file, side by side here.
+
+    The same rows, network and settings; the arrays are the file's rows
+    standardized with the stream's statistics. Epoch time is ``fit``'s
+    ``train_seconds`` / epochs (training plus the train-set evaluation),
+    median over ``rounds`` alternating runs after a compiling one; "peak
+    above start" is VmHWM after ``/proc/self/clear_refs`` reset it (Linux).
+    """
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fnnet import MLP, stream, train
+
+    def kib(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.npy"
+        _write_table(path, n)
+        start = time.perf_counter()
+        data = stream.open_stream(
+            path, chunk_rows=chunk_rows, val_fraction=0.0, test_fraction=0.0
+        )
+        check_s = time.perf_counter() - start
+        raw = np.load(path, mmap_mode="r")
+        x = ((raw[:, :-1] - data.x_mean) / data.x_std).astype(np.float32)
+        y = np.asarray(raw[:, -1]).astype(np.int32)
+        del raw
+        net = MLP(
+            sizes=(FEATURES, HIDDEN, CLASSES), output="softmax", loss="cross_entropy"
+        )
+        params = net.init(jax.random.key(0), jnp.float32)
+        sources = {"arrays": (x, y), "stream": data.source("train")}
+
+        def config(epochs):
+            return train.TrainConfig(
+                epochs=epochs, batch_size=BATCH, optimizer="adam", learning_rate=1e-3
+            )
+
+        for src in sources.values():
+            train.fit(net, params, src, None, config(1))  # compiles
+        seconds = {k: [] for k in sources}
+        grew = {k: [] for k in sources}
+        for r in range(rounds):
+            for k in list(sources)[:: 1 if r % 2 == 0 else -1]:
+                before = kib("VmRSS")
+                Path("/proc/self/clear_refs").write_text("5")
+                result = train.fit(net, params, sources[k], None, config(2))
+                grew[k].append((kib("VmHWM") - before) / 1024)
+                seconds[k].append(result.train_seconds / 2)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    lines = [
+        f"{n:,} rows x {FEATURES} features ({x.nbytes / 2**20:.0f} MiB float32), "
+        f"chunk_rows {chunk_rows:,}; checking pass (open_stream) {check_s:.2f} s",
+        "",
+        "| data | s per epoch (median) | peak RSS above start, MiB (max) |",
+        "|---|--:|--:|",
+    ]
+    for k in sources:
+        lines.append(f"| {k} | {med[k]:.2f} | {max(grew[k]):.0f} |")
+    lines += [
+        "",
+        f"- stream / arrays, time per epoch: {med['stream'] / med['arrays']:.2f}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(rows: list[int], epochs: int, rounds: int, device_data=False) -> list[dict]:
     """Every N (and the baseline) in its own process; one record each."""
     out = []
+    flag = ["--device-data"] if device_data else []
     for n in [BASELINE_ROWS, *rows]:
         proc = subprocess.run(
             [sys.executable, __file__, "--child", str(n), "--epochs", str(epochs),
-             "--rounds", str(rounds)],
+             "--rounds", str(rounds), *flag],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if proc.returncode != 0:
@@ -166,15 +264,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of fit")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="timed epochs")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="results folder")
+    parser.add_argument(
+        "--device-data",
+        action="store_true",
+        help="give fit a device array and drop the NumPy copy (data held once)",
+    )
+    parser.add_argument(
+        "--stream",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: fit on N rows as arrays vs streamed from a .npy file",
+    )
+    parser.add_argument(
+        "--chunk-rows", type=int, default=65536, help="chunk rows for --stream"
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(point(args.child, args.epochs, args.rounds)))
+        rec = point(args.child, args.epochs, args.rounds, args.device_data)
+        print(json.dumps(rec))
+        return 0
+    if args.stream is not None:
+        print(f"== streaming cost: {args.stream:,} rows")
+        print(stream_cost(args.stream, args.chunk_rows, args.rounds))
         return 0
     rows = [int(r) for r in args.rows.split(",")]
     print(f"== data scale: N = {', '.join(f'{n:,}' for n in rows)}")
-    records = run(rows, args.epochs, args.rounds)
+    records = run(rows, args.epochs, args.rounds, args.device_data)
     text = report(records, args.epochs, args.rounds)
+    if args.device_data:
+        text = "Data handed to fit as a device array (NumPy copy dropped).\n\n" + text
     print(text)
     import jax
 
