@@ -78,6 +78,15 @@ def test_evaluate_chunks_merges_r2_and_loss_exactly():
         np.testing.assert_allclose(parts[k], whole[k], rtol=1e-12)
 
 
+def test_fit_refuses_a_one_shot_iterator_and_unsupported_options(net_params):
+    net, params = net_params
+    chunk = (np.zeros((4, D), np.float32), np.zeros(4, np.int32))
+    with pytest.raises(TypeError, match="must be re-iterable"):
+        train.fit(net, params, iter([chunk]), None, CONFIG)
+    with pytest.raises(ValueError, match="devices and check_every need"):
+        train.fit(net, params, {"not": "arrays"}.values(), None, CONFIG, check_every=1)
+
+
 def _shards(folder, sizes, seed=0):
     folder.mkdir()
     parts = [_table(n, seed + i) for i, n in enumerate(sizes)]
