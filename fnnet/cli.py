@@ -631,15 +631,17 @@ def _stream_data(s: dict, task, extensions):
     net = _network(s, shape, *extensions)[0]
     val = ds.source("val") if ds.sizes[1] else None
     test = ds.source("test") if ds.sizes[2] else None
-    return net, ds.source("train"), val, test
+    return ds, net, ds.source("train"), val, test
 
 
 def _run_training(s: dict, out: Path, resume: bool) -> int:
     extensions = _extensions(s["activation"], s["output"], s["loss"])
     task = None if s["task"] == "auto" else s["task"]
     if _streamed(s):
-        net, train_data, val_data, test_data = _stream_data(s, task, extensions)
-        return _train_and_report(s, out, resume, net, train_data, val_data, test_data)
+        ds, net, train_data, val_data, test_data = _stream_data(s, task, extensions)
+        return _train_and_report(
+            s, out, resume, ds, net, train_data, val_data, test_data
+        )
     ds = fdata.load_dataset(
         s["data"],
         target=_target(s["target"]),
@@ -651,11 +653,15 @@ def _run_training(s: dict, out: Path, resume: bool) -> int:
     net, y_tr, y_va, y_te = _network(s, ds, *extensions)
     val_data = (ds.x_val, y_va) if len(ds.x_val) > 0 else None
     train_data, test_data = (ds.x_train, y_tr), (ds.x_test, y_te)
-    return _train_and_report(s, out, resume, net, train_data, val_data, test_data)
+    return _train_and_report(s, out, resume, ds, net, train_data, val_data, test_data)
 
 
-def _train_and_report(s, out, resume, net, train_data, val_data, test_data) -> int:
-    """Train on arrays or chunk sources, then write the run's files."""
+def _train_and_report(s, out, resume, ds, net, train_data, val_data, test_data):
+    """Train on arrays or chunk sources, then write the run's files.
+
+    ``ds`` is the :class:`fnnet.data.Dataset` or, streamed, the
+    :class:`fnnet.stream.StreamData` (the same statistics and classes).
+    """
     config = TrainConfig(
         epochs=s["epochs"],
         batch_size=s["batch_size"],
