@@ -978,7 +978,8 @@ def fit(
             loop.bad_epochs += 1
         if check_every is not None and epoch % check_every == 0:
             record.update(grad_check_record(net, state.params, *check_batch))
-        record.update(dp_accounting_record(config, X.shape[0], epoch))
+        if not streamed:  # DP-SGD needs the data in memory (checked above)
+            record.update(dp_accounting_record(config, X.shape[0], epoch))
         if log_noise_scale:
             record.update(noise_scale(net, state.params, X, Y, config.batch_size))
         loop.epoch = epoch
