@@ -15,6 +15,7 @@ and ``experiments/``.
 
 from fnnet.activations import ACTIVATIONS, ELU_ALPHA, LEAKY_SLOPE, Activation
 from fnnet.blocks import Block
+from fnnet.errors import InputError, checked
 from fnnet.gradcheck import GradcheckReport, gradcheck, relative_error
 from fnnet.losses import LOSSES, Loss
 from fnnet.network import MLP
@@ -31,8 +32,10 @@ __all__ = [
     "Activation",
     "Block",
     "GradcheckReport",
+    "InputError",
     "Loss",
     "VerifyReport",
+    "checked",
     "gradcheck",
     "load_run",
     "relative_error",

@@ -44,6 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnnet.errors import InputError
+from fnnet.npzfile import npz_problem
+
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
@@ -88,8 +91,11 @@ def _umask() -> int:
     return mask
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or does not match the template."""
+class CheckpointError(InputError):
+    """A checkpoint file is missing, corrupt, or does not match the template.
+
+    A ``ValueError`` (through :class:`fnnet.InputError`).
+    """
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -270,6 +276,15 @@ class _Archive:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+        try:
+            problem = npz_problem(self.path)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"checkpoint {self.path}: no such file") from e
+        except OSError as e:
+            raise self.error(f"cannot read the file ({e.strerror})") from e
+        if problem is not None and not problem.startswith("a single .npy"):
+            # Checked before np.load: absurd declared sizes are never allocated.
+            raise self.error(f"not a readable .npz archive: {problem}")
         try:
             obj = np.load(self.path, allow_pickle=False)
         except FileNotFoundError as e:

@@ -403,13 +403,25 @@ def metric_name(net) -> str:
 
 
 def metric(net, yhat: Array, y: Array) -> Array:
-    """The metric of predictions yhat: accuracy, or R^2 averaged over targets."""
-    if net.loss == "cross_entropy":
-        labels = y if jnp.issubdtype(y.dtype, jnp.integer) else jnp.argmax(y, -1)
-        predicted = jnp.argmax(yhat, axis=-1).astype(labels.dtype)
-        return jnp.mean(predicted == labels)
-    if net.loss == "bce":  # one or several independent binary labels
-        return jnp.mean((yhat > 0.5) == (y > 0.5))
+    """The metric of predictions yhat: accuracy, or R^2 averaged over targets.
+
+    NaN when any prediction or target is not finite (or a label lies outside
+    [0, K)): an accuracy counted from NaN outputs would look valid.
+    """
+    if net.loss in ("cross_entropy", "bce"):
+        if net.loss == "bce":  # one or several independent binary labels
+            accuracy = jnp.mean((yhat > 0.5) == (y > 0.5))
+            ok = jnp.all(jnp.isfinite(y))
+        elif jnp.issubdtype(y.dtype, jnp.integer):
+            predicted = jnp.argmax(yhat, axis=-1).astype(y.dtype)
+            accuracy = jnp.mean(predicted == y)
+            ok = jnp.all((y >= 0) & (y < yhat.shape[-1]))
+        else:
+            predicted = jnp.argmax(yhat, axis=-1)
+            accuracy = jnp.mean(predicted == jnp.argmax(y, -1))
+            ok = jnp.all(jnp.isfinite(y))
+        ok = ok & jnp.all(jnp.isfinite(yhat))
+        return jnp.where(ok, accuracy, jnp.asarray(jnp.nan, accuracy.dtype))
     ss_res = jnp.sum(jnp.square(y - yhat), axis=0)
     ss_tot = jnp.sum(jnp.square(y - jnp.mean(y, axis=0, keepdims=True)), axis=0)
     return jnp.mean(1.0 - ss_res / ss_tot)

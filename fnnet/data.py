@@ -35,6 +35,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fnnet.errors import InputError
+from fnnet.npzfile import npz_problem
+
 TASKS = ("classification", "regression")
 
 #: The data sets inside scikit-learn (``sklearn.datasets.load_<name>``) and
@@ -58,11 +61,11 @@ MAX_INFERRED_CLASSES = 50
 _FILE_TYPES = (".csv", ".npz")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data set that cannot be used: missing, malformed, or unfit for the task.
 
     The message names the file (or builtin data set) first, then the problem
-    and where it is.
+    and where it is. A ``ValueError`` (through :class:`fnnet.InputError`).
     """
 
 
@@ -177,7 +180,7 @@ class Dataset:
 
 
 def load_arrays(
-    name_or_path, *, target=None, task: str | None = None
+    name_or_path, *, target=None, task: str | None = None, dtype=None
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Raw features and targets of a builtin data set or a ``.csv``/``.npz`` file.
 
@@ -188,6 +191,9 @@ def load_arrays(
         (negative counts from the end); default the last column.
       task: ``"classification"``, ``"regression"``, or None to infer it (see
         :func:`infer_task`).
+      dtype: the floating dtype the features (and regression targets) will be
+        trained in, e.g. ``np.float32``: a value it cannot hold (it would
+        become inf) is refused, naming where it is. None: no such check.
 
     Returns:
       ``(x, y, task)``: x (N, D) float64; y (N,) raw labels (integers or
@@ -204,14 +210,14 @@ def load_arrays(
         return _load_builtin(name, target=target, task=task)
     ext = os.path.splitext(name)[1].lower()
     if ext == ".csv":
-        return load_csv(name, target=target, task=task)
+        return load_csv(name, target=target, task=task, dtype=dtype)
     if ext == ".npz":
         if target is not None:
             raise DataError(
                 f"{name}: target={target!r} applies only to .csv files; an .npz "
                 "file holds its targets in the array 'y'"
             )
-        return load_npz(name, task=task)
+        return load_npz(name, task=task, dtype=dtype)
     if os.path.isfile(name):
         raise DataError(
             f"{name}: unsupported file type {ext or '(no extension)'!r}; "
@@ -245,7 +251,7 @@ def _load_builtin(name: str, *, target, task):
     return np.asarray(x, np.float64), np.asarray(y), BUILTIN[name]
 
 
-def load_csv(path, *, target=None, task: str | None = None):
+def load_csv(path, *, target=None, task: str | None = None, dtype=None):
     """Features and one target column from a comma-separated file.
 
     The first row is a header when any of its feature cells is not a number
@@ -258,6 +264,8 @@ def load_csv(path, *, target=None, task: str | None = None):
       target: the target column: a header name, or an integer index (negative
         counts from the end). Default: the last column.
       task: ``"classification"``, ``"regression"``, or None to infer it.
+      dtype: the floating dtype the values will be trained in; a feature (or
+        regression target) it cannot hold is refused with its line and column.
 
     Returns:
       ``(x, y, task)``: x (N, D) float64; y (N,) float64 numbers, or strings
@@ -340,10 +348,13 @@ def load_csv(path, *, target=None, task: str | None = None):
             )
         y = np.asarray(cells, dtype=str)
     task = check_targets(y, task, path, where=lambda i: where(i, t))
+    _check_range(x, dtype, path, lambda i, k: where(i, features[k]))
+    if task == "regression":
+        _check_range(y, dtype, path, lambda i: where(i, t))
     return x, y, task
 
 
-def load_npz(path, *, task: str | None = None):
+def load_npz(path, *, task: str | None = None, dtype=None):
     """Features ``x`` (or ``X``) and targets ``y`` (or ``Y``) from an ``.npz`` file.
 
     Loaded with ``allow_pickle=False``: object arrays are refused, never
@@ -352,6 +363,8 @@ def load_npz(path, *, task: str | None = None):
     Args:
       path: the ``.npz`` file (as written by ``np.savez``).
       task: ``"classification"``, ``"regression"``, or None to infer it.
+      dtype: the floating dtype the values will be trained in; a value of
+        ``x`` (or of regression targets ``y``) it cannot hold is refused.
 
     Returns:
       ``(x, y, task)``: x (N, D) float64; y (N,) or (N, T), float64 numbers
@@ -366,6 +379,13 @@ def load_npz(path, *, task: str | None = None):
     _check_task_name(task)
     path = os.fspath(path)
     _check_file(path)
+    try:
+        problem = npz_problem(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror})") from e
+    if problem is not None and not problem.startswith("a single .npy"):
+        # Checked before np.load: absurd declared sizes are never allocated.
+        raise DataError(f"{path}: not a readable .npz archive: {problem}")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as e:  # zipfile, OSError and ValueError, depending on damage
@@ -409,7 +429,25 @@ def load_npz(path, *, task: str | None = None):
         y = y.astype(np.float64)
         _check_finite(y, "y", path)
     task = check_targets(y, task, path, where=lambda i: f"y[{i}]")
+    _check_range(x, dtype, path, lambda *i: f"x[{', '.join(map(str, i))}]")
+    if task == "regression":
+        _check_range(y, dtype, path, lambda *i: f"y[{', '.join(map(str, i))}]")
     return x, y, task
+
+
+def _check_range(a: np.ndarray, dtype, path: str, where) -> None:
+    """Refuse values that become inf in ``dtype`` (1e300 in float32)."""
+    if dtype is None:
+        return
+    biggest = float(np.finfo(dtype).max)
+    bad = np.abs(a) > biggest
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(
+            f"{path}: value {a[index].item()!r} at {where(*index)} is too large for "
+            f"{np.dtype(dtype).name}, the dtype it is trained in (largest "
+            f"{biggest:.4g}); it would become infinite: rescale that column"
+        )
 
 
 def _check_file(path: str) -> None:
@@ -869,8 +907,9 @@ def load_dataset(
         be split as asked.
       ValueError: bad ``task`` or fractions.
     """
-    x, y, task = load_arrays(name_or_path, target=target, task=task)
+    x, y, task = load_arrays(name_or_path, target=target, task=task, dtype=np.float32)
     name = os.fspath(name_or_path)
+    raw = y
     if task == "classification":
         y, classes = encode_labels(y)
         num_outputs = len(classes)
@@ -879,9 +918,11 @@ def load_dataset(
         classes = ()
         num_outputs = y.shape[1]
     try:
-        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = split(
-            x,
-            y,
+        # Split row indices by the original labels, so that messages name the
+        # user's labels; the encoded ones sort alike, so the split is the same.
+        rows = split(
+            np.arange(len(x)),
+            raw,
             task=task,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
@@ -889,6 +930,7 @@ def load_dataset(
         )
     except DataError as e:
         raise DataError(f"{name}: {e}") from e
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = ((x[i], y[i]) for i, _ in rows)
     x_mean, x_std, (x_tr, x_va, x_te) = standardize(x_tr, x_va, x_te)
     if task == "regression":
         y_mean, y_std, (y_tr, y_va, y_te) = standardize(y_tr, y_va, y_te)

@@ -42,6 +42,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from fnnet import errors
 from fnnet.activations import ACTIVATIONS, Activation
 from fnnet.types import check_extension
 
@@ -119,10 +120,24 @@ def logsumexp(a: Array) -> Array:
 
 
 def one_hot(labels: Array, num_classes: int, dtype) -> Array:
-    """Integer labels (...,) to one-hot rows (..., num_classes) in ``dtype``."""
+    """Integer labels (...,) to one-hot rows (..., num_classes) in ``dtype``.
+
+    A label outside [0, num_classes) gives a row of NaN, so the loss and both
+    gradients (hand-written and ``jax.grad``) of that example are NaN: under
+    ``jit``, where labels cannot be checked, an invalid label is never a
+    plausible number. Under :func:`fnnet.checked` it raises instead.
+    """
     classes = jnp.arange(num_classes, dtype=labels.dtype)
     classes = classes.reshape((1,) * labels.ndim + (num_classes,))
-    return (labels[..., None] == classes).astype(dtype)
+    rows = (labels[..., None] == classes).astype(dtype)
+    valid = (labels >= 0) & (labels < num_classes)
+    errors.value_check(
+        jnp.all(valid),
+        f"y holds labels outside [0, {num_classes}) for {num_classes} output "
+        "units, e.g. {label}",
+        label=jnp.where(valid, -1, labels).ravel()[jnp.argmin(valid.ravel())],
+    )
+    return jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, dtype))
 
 
 def dense_targets(loss: str, y: Array, num_outputs: int, dtype) -> Array:
@@ -150,9 +165,10 @@ def per_example_loss(loss: str, a: Array, yhat: Array, y: Array) -> Array:
         return jnp.sum(ACTIVATIONS["softplus"].h(a) - y * a, axis=-1)
     if loss == "cross_entropy":
         # -sum_k y_k log softmax(a)_k, with log softmax(a) = a - logsumexp(a)
+        # Integer labels go through one_hot, as in the hand delta, so that an
+        # invalid label gives NaN here too (indexing would wrap or clamp).
         lse = logsumexp(a)
-        if jnp.issubdtype(y.dtype, jnp.integer):
-            return lse - jnp.take_along_axis(a, y[..., None], axis=-1)[..., 0]
+        y = dense_targets(loss, y, a.shape[-1], a.dtype)
         return jnp.sum(y * (lse[..., None] - a), axis=-1)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 

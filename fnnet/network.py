@@ -143,6 +143,12 @@ class MLP:
                 f"sizes[-1]={self.sizes[-1]}; use output='sigmoid', loss='bce' "
                 "for one"
             )
+        if self.output == "softmax" and self.sizes[-1] < 2:
+            raise ValueError(
+                "output='softmax' over 1 output unit is always 1 and cannot learn; "
+                f"got sizes[-1]={self.sizes[-1]}: use output='sigmoid' (with "
+                "loss='bce' for two classes) or output='identity' for regression"
+            )
         p = self.keep_prob
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise ValueError(f"keep_prob must be a float in (0, 1], got {p!r}")
@@ -217,6 +223,7 @@ class MLP:
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        check_key(key)
         keys = jax.random.split(key, self.num_layers)
         hidden = self.hidden_blocks
         params = []
@@ -416,6 +423,8 @@ class MLP:
                 "key was given but keep_prob=1.0 means no dropout; pass "
                 "keep_prob < 1 to MLP or drop the key"
             )
+        if key is not None:
+            check_key(key)
         return x, y
 
     def _check_params(self, params: Params) -> None:
@@ -451,6 +460,12 @@ class MLP:
             if block:
                 leaves += _block_leaves(block, self.sizes[l + 1], layer[block.name])
             for where, leaf, shape in leaves:
+                if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+                    raise TypeError(
+                        f"params[{l}]{where} must be an array of shape {shape}, got "
+                        f"a {type(leaf).__name__}; convert nested lists with "
+                        "jnp.asarray(..., jnp.float32)"
+                    )
                 leaf_shape = tuple(getattr(leaf, "shape", ()))
                 if leaf_shape != shape:
                     raise ValueError(
@@ -483,6 +498,11 @@ class MLP:
             raise ValueError(
                 f"x must have shape ({M0},) or (N, {M0}) for sizes={self.sizes}, "
                 f"got {tuple(x.shape)}"
+            )
+        if x.ndim == 2 and x.shape[0] == 0:
+            raise ValueError(
+                f"x is an empty batch, shape {tuple(x.shape)}; a batch needs at "
+                "least one example"
             )
         return x
 
@@ -556,6 +576,24 @@ class MLP:
                     "y as probability rows must be non-negative and sum to 1 "
                     f"(within {tol}); the worst row sums to 1 {worst:+.3g}"
                 )
+
+
+def check_key(key, name: str = "key") -> None:
+    """Raise a TypeError unless ``key`` is a JAX PRNG key.
+
+    Accepts a typed key (``jax.random.key(0)``) or legacy raw key data
+    (``jax.random.PRNGKey(0)``, a uint32 array).
+    """
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if isinstance(key, (jax.Array, np.ndarray)) and dtype == jnp.uint32:
+        if key.ndim >= 1:
+            return
+    raise TypeError(
+        f"{name} must be a JAX PRNG key such as jax.random.key(0), got "
+        f"{type(key).__name__} {key!r}"
+    )
 
 
 def _block_leaves(block: Block, width: int, params):

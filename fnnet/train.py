@@ -47,6 +47,7 @@ from fnnet import backward as bw
 from fnnet import checkpoint as ckpt
 from fnnet import core, privacy
 from fnnet.core import metric_name
+from fnnet.errors import InputError
 from fnnet.network import MLP
 from fnnet.precision import CHECK_PRECISION
 from fnnet.types import Array, Grads, Params
@@ -896,6 +897,7 @@ def fit(
         X = Y = None
     else:
         X, Y = to_device(net, params, *net.validate(params, *train, batch=True))
+        check_finite_data("train", X, Y)
     if log_noise_scale and min(config.batch_size, X.shape[0]) < 2:
         raise ValueError(
             "log_noise_scale needs batch_size >= 2 (it compares single examples "
@@ -903,6 +905,7 @@ def fit(
         )
     if val is not None and not is_chunk_source(val):
         val = to_device(net, params, *net.validate(params, *val))
+        check_finite_data("val", *val)
     if optimizer is None:
         optimizer = make_optimizer(config)
     sharding = None
@@ -1046,6 +1049,24 @@ def _stream_epoch(net, config, optimizer, state, source, key, seed, epoch):
     if not losses:
         raise ValueError("train (a chunk source) gave no rows in this epoch")
     return state, jnp.concatenate(losses), True
+def check_finite_data(name: str, x: Array, y: Array) -> None:
+    """Raise InputError if prepared data holds NaN or inf.
+
+    Run on x and y after their conversion to the parameters' dtype, so a value
+    that overflows that dtype (1e300 in float32) is caught too. Without this,
+    NaN inputs surface as a non-finite loss that blames the learning rate,
+    and NaN validation rows make every epoch "no better" than the start.
+    """
+    for what, a in (("x", x), ("y", y)):
+        if not jnp.issubdtype(a.dtype, jnp.floating) or bool(jnp.all(jnp.isfinite(a))):
+            continue
+        bad = np.argwhere(~np.isfinite(np.asarray(a)))
+        where = ", ".join(str(int(i)) for i in bad[0])
+        raise InputError(
+            f"{name} {what} holds NaN or infinite values in {a.dtype} (first at "
+            f"{name} {what}[{where}], {len(bad)} in all); clean or rescale the "
+            "data before training"
+        )
 
 
 def _copy(tree):
