@@ -21,9 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import importlib
 import json
+import math
 import os
+import shlex
+import socket
 import sys
 import time
 import types
@@ -38,6 +42,7 @@ from fnnet import data as fdata
 from fnnet import stream as fstream
 from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, Activation
 from fnnet.blocks import Block
+from fnnet.errors import InputError
 from fnnet.losses import LOSSES, Loss
 from fnnet.network import MLP
 from fnnet.precision import CHECK_PRECISION, PRECISIONS
@@ -53,6 +58,7 @@ from fnnet.train import (
     GRADS,
     OPTIMIZERS,
     TrainConfig,
+    batch_sharding,
     evaluate,
     evaluate_chunks,
     fit,
@@ -64,10 +70,46 @@ from fnnet.train import (
 CONFIG_FILE = "config.json"
 DEFAULT_EPOCHS = 200
 DEFAULT_DP_DELTA = 1e-5
+#: Held (flock) by the run using the folder; says who holds it.
+LOCK_FILE = "fnnet.lock"
 
-# Exit codes: 0 success, 2 bad usage or bad input (argparse's convention),
-# 3 training stopped on a non-finite loss.
-EXIT_USAGE, EXIT_NON_FINITE = 2, 3
+# Exit codes: 0 success, 2 bad usage, bad input or a file system error
+# (argparse's convention), 3 training stopped on a non-finite loss, 130
+# interrupted by Ctrl-C (SIGINT; 128 + 2, the shell's convention).
+EXIT_USAGE, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
+
+#: Settings that ``--resume`` may change (applied and reported); any other
+#: flag given with ``--resume`` must equal the saved setting.
+RESUME_MAY_CHANGE = ("epochs", "check_every", "quiet")
+#: config.json keys a run folder must have (later flags default when absent).
+CONFIG_REQUIRED = (
+    "data",
+    "target",
+    "task",
+    "val_fraction",
+    "test_fraction",
+    "hidden",
+    "activation",
+    "output",
+    "loss",
+    "dtype",
+    "optimizer",
+    "lr",
+    "momentum",
+    "epochs",
+    "batch_size",
+    "grad",
+    "seed",
+    "l2",
+    "weight_decay",
+    "decay_biases",
+    "keep_prob",
+    "noise_std",
+    "patience",
+)
+#: fnnet's argument names, as its messages say them, that a flag sets under
+#: another name.
+LIBRARY_NAMES = {"learning_rate": "lr", "sizes": "hidden"}
 
 #: What an import spec may name, per flag.
 SPEC_KINDS = {
@@ -464,6 +506,7 @@ def _model_record(s: dict, ds, net: MLP) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     run = {
         "train": _train,
@@ -473,11 +516,67 @@ def main(argv: list[str] | None = None) -> int:
         "export": _export,
     }[args.command]
     try:
+        if args.command == "train":
+            return _train(args, given_flags(argv))
         return run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        # Bad flag values and bad data end like argparse's own errors.
+    except InputError as err:
+        # Bad flag values, files and settings end like argparse's own errors.
+        # Anything else is a bug and keeps its traceback.
         print(f"fnnet {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fnnet {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:
+        # The file system refused (a missing folder, no permission, a full
+        # disk): the path and the cause. fnnet train says what it kept.
+        where = f"{err.filename}: " if err.filename else ""
+        print(
+            f"fnnet {args.command}: error: {where}{err.strerror or err}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The settings (argparse dests) that ``argv`` gives explicitly."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for a in sub._actions:
+                    a.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def flag_of(key: str) -> str:
+    """The train flag of a setting (argparse dest): val_fraction -> --val-fraction."""
+    return "--" + key.replace("_", "-")
+
+
+@contextlib.contextmanager
+def user_input(name_of_key):
+    """ValueErrors and TypeErrors of fnnet's checked constructors, as InputErrors.
+
+    Only around calls that do nothing but check the user's values (MLP,
+    TrainConfig, the data loader): their errors describe the input. The
+    message is prefixed with the flag (or config.json key) that set the
+    argument it names, via ``name_of_key(settings key)``.
+    """
+    try:
+        yield
+    except InputError as err:
+        raise InputError(_in_user_terms(str(err), name_of_key)) from err
+    except (ValueError, TypeError) as err:
+        raise InputError(_in_user_terms(str(err), name_of_key)) from err
+
+
+def _in_user_terms(message: str, name_of_key) -> str:
+    first = message.split(" ", 1)[0].split("=", 1)[0].strip("'")
+    key = LIBRARY_NAMES.get(first, first)
+    if key in CONFIG_REQUIRED or key in ("devices", "check_every"):
+        return f"{name_of_key(key)}: {message}"
+    return message
 
 
 def _gradcheck(args) -> int:
@@ -488,11 +587,12 @@ def _gradcheck(args) -> int:
 def _run_gradcheck(args) -> int:
     from fnnet.gradcheck import gradcheck
 
-    sizes = tuple(int(m) for m in args.sizes.split(","))
-    activation, output, loss = _extensions(args.activation, args.output, args.loss)
-    net = MLP(sizes=sizes, activation=activation, output=output, loss=loss)
+    with user_input(flag_of):
+        sizes = tuple(int(m) for m in args.sizes.split(","))
+        activation, output, loss = _extensions(args.activation, args.output, args.loss)
+        net = MLP(sizes=sizes, activation=activation, output=output, loss=loss)
     if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
     k_params, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
     dtype = jnp.dtype(args.dtype)
     params = net.init(k_params, dtype)
@@ -507,27 +607,18 @@ def _run_gradcheck(args) -> int:
     return 0
 
 
-def _settings(args) -> dict:
-    """The run's settings as plain JSON values (saved to config.json)."""
-    if args.resume is not None:
-        saved = json.loads((Path(args.resume) / CONFIG_FILE).read_text())
-        if args.epochs is not None:
-            saved["epochs"] = args.epochs
-        saved.setdefault("check_every", None)  # a config from before the flag
-        saved.setdefault("precision", None)  # likewise
-        for key, value in (("dp_clip", None), ("dp_noise", 0.0), ("dp_delta", None)):
-            saved.setdefault(key, value)
-        saved.setdefault("log_noise_scale", False)
-        saved.setdefault("chunk_rows", None)
-        if args.check_every is not None:
-            saved["check_every"] = args.check_every
-        saved["quiet"] = args.quiet
-        return saved
+def _flag_settings(args) -> dict:
+    """The settings the flags give, as plain JSON values (saved to config.json)."""
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
     if settings["epochs"] is None:
         settings["epochs"] = DEFAULT_EPOCHS
     if settings["dropout"] is not None:
-        settings["keep_prob"] = 1.0 - settings["dropout"]
+        d = settings["dropout"]
+        if not 0 <= d < 1:
+            raise InputError(
+                f"--dropout is the drop rate and must be in [0, 1), got {d}"
+            )
+        settings["keep_prob"] = 1.0 - d
     settings.pop("dropout")
     if settings["keep_prob"] is None:
         settings["keep_prob"] = 1.0
@@ -546,44 +637,269 @@ def _check_dp_flags(s: dict) -> None:
             ("--dp-delta", delta, None),
         ):
             if value != off:
-                raise ValueError(f"{flag} {value} needs --dp-clip C (DP-SGD is off)")
+                raise InputError(f"{flag} {value} needs --dp-clip C (DP-SGD is off)")
         return
     if not clip > 0:
-        raise ValueError(f"--dp-clip must be > 0 (inf: no clipping), got {clip}")
+        raise InputError(f"--dp-clip must be > 0 (inf: no clipping), got {clip}")
     if not (sigma >= 0 and sigma < float("inf")):
-        raise ValueError(f"--dp-noise must be finite and >= 0, got {sigma}")
+        raise InputError(f"--dp-noise must be finite and >= 0, got {sigma}")
     if sigma > 0 and clip == float("inf"):
-        raise ValueError(
+        raise InputError(
             f"--dp-noise {sigma} needs a finite --dp-clip (the noise's standard "
             "deviation is dp-noise x dp-clip)"
         )
     if delta is not None and not 0 < delta < 1:
-        raise ValueError(f"--dp-delta must lie in (0, 1), got {delta}")
+        raise InputError(f"--dp-delta must lie in (0, 1), got {delta}")
     if s["grad"] != "hand":
-        raise ValueError(f"--dp-clip needs --grad hand, got --grad {s['grad']}")
+        raise InputError(f"--dp-clip needs --grad hand, got --grad {s['grad']}")
     if s.get("devices") is not None:
-        raise ValueError("--dp-clip runs on one device; drop --devices")
+        raise InputError("--dp-clip runs on one device; drop --devices")
 
 
-def _train(args) -> int:
-    resume = args.resume is not None
-    if resume:
+def _check_settings(s: dict, name_of_key) -> None:
+    """Checks of settings that no library constructor makes, in the user's terms."""
+    for key in ("val_fraction", "test_fraction"):
+        v = s[key]
+        if not (isinstance(v, (int, float)) and 0 <= v < 1):
+            raise InputError(f"{name_of_key(key)} must be in [0, 1), got {v!r}")
+    if s["val_fraction"] + s["test_fraction"] >= 1:
+        raise InputError(
+            f"{name_of_key('val_fraction')} + {name_of_key('test_fraction')} must "
+            "be below 1 to leave training rows, got "
+            f"{s['val_fraction']} + {s['test_fraction']}"
+        )
+    if s["patience"] < 0:
+        raise InputError(
+            f"{name_of_key('patience')} must be >= 0 (0: off), got {s['patience']}"
+        )
+    devices = s.get("devices")
+    if devices is not None and devices < 1:
+        raise InputError(f"{name_of_key('devices')} must be >= 1, got {devices}")
+    for key in ("lr", "momentum", "l2", "weight_decay", "noise_std", "keep_prob"):
+        if not math.isfinite(s[key]):
+            raise InputError(f"{name_of_key(key)} must be finite, got {s[key]}")
+
+
+def _config_types() -> dict:
+    """config.json key -> (check, what is expected), from the train flags."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    kinds = {}
+    for a in sub.choices["train"]._actions:
+        if a.dest in ("help", "resume", "dropout"):
+            continue
+        kinds[a.dest] = _value_kind(a)
+    kinds["keep_prob"] = (lambda v: _is_number(v), "a number")
+    kinds["epochs"] = (lambda v: _is_int(v), "an int")
+    return kinds
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return _is_int(v) or isinstance(v, float)
+
+
+def _value_kind(action):
+    """(check, description) of a JSON value for an argparse action."""
+    if action.nargs == 0:
+        return (lambda v: isinstance(v, bool), "true or false")
+    if action.nargs == "*":
+        return (
+            lambda v: isinstance(v, list) and all(_is_int(m) for m in v),
+            "a list of ints",
+        )
+    if action.choices is not None:
+        choices = list(action.choices)
+        return (lambda v: v in choices, f"one of {choices}")
+    base = {int: (_is_int, "an int"), float: (_is_number, "a number")}.get(
+        action.type, (lambda v: isinstance(v, str), "a string")
+    )
+    if action.type is _positive_int:
+        base = (lambda v: _is_int(v) and v >= 1, "a positive int")
+    if action.default is None:
+        check, what = base
+        return (lambda v: v is None or check(v), f"{what} or null")
+    return base
+
+
+def read_config(path: Path) -> dict:
+    """A run folder's config.json, checked like a checkpoint: file, key, expected.
+
+    Raises:
+      InputError: the file is unreadable, not JSON, not an object, lacks a
+        key of ``CONFIG_REQUIRED``, or holds a value of the wrong type.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err})") from err
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(saved, dict):
+        raise InputError(
+            f"{path}: expected a JSON object of settings, found a JSON "
+            f"{type(saved).__name__}"
+        )
+    missing = [k for k in CONFIG_REQUIRED if k not in saved]
+    if missing:
+        raise InputError(
+            f"{path}: missing key(s) {missing}; the run's settings are incomplete"
+        )
+    for key, (check, what) in _config_types().items():
+        if key in saved and not check(saved[key]):
+            raise InputError(
+                f"{path}: key {key!r} must be {what}, found {saved[key]!r}"
+            )
+    return saved
+
+
+def _resume_settings(args, given: set[str], out: Path) -> dict:
+    """The saved settings of the run in ``out``, with the flags that may change.
+
+    A flag given with --resume that differs from the saved setting is an
+    error, except those of ``RESUME_MAY_CHANGE``, which are applied (and
+    reported when they change).
+    """
+    path = out / CONFIG_FILE
+    saved = read_config(path)
+    for key, value in (  # a config from before these flags
+        ("check_every", None),
+        ("devices", None),
+        ("precision", None),
+        ("dp_clip", None),
+        ("dp_noise", 0.0),
+        ("dp_delta", None),
+        ("log_noise_scale", False),
+        ("chunk_rows", None),
+    ):
+        saved.setdefault(key, value)
+    fresh = _flag_settings(args)
+    typed = {"keep_prob" if k == "dropout" else k for k in given} - {"resume"}
+    differ = [
+        k
+        for k in sorted(typed - set(RESUME_MAY_CHANGE))
+        if fresh.get(k) != saved.get(k)
+    ]
+    if differ:
+        shown = ", ".join(
+            f"{flag_of(k)} {fresh.get(k)!r} (saved: {saved.get(k)!r})" for k in differ
+        )
+        raise InputError(
+            f"--resume {out}: flags that differ from the run's settings in {path}: "
+            f"{shown}; a resumed run keeps its settings (only "
+            + ", ".join(flag_of(k) for k in RESUME_MAY_CHANGE)
+            + " may change): start a new run with another --out to change them"
+        )
+    for key in RESUME_MAY_CHANGE:
+        if key in typed and fresh[key] != saved.get(key):
+            if key != "quiet":
+                print(
+                    f"fnnet train: --resume: {flag_of(key)} changed from "
+                    f"{saved.get(key)!r} to {fresh[key]!r}",
+                    file=sys.stderr,
+                )
+            saved[key] = fresh[key]
+    saved["quiet"] = args.quiet
+    return saved
+
+
+def _train(args, given: set[str]) -> int:
+    if args.resume is not None:
         out = Path(args.resume)
-        if not (out / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"--resume {out}: no {CONFIG_FILE} in that folder")
-        # Killed before its first checkpoint: the run starts over from its config.
-        resume = (out / CHECKPOINT_FILE).exists()
-    s = _settings(args)
-    if args.resume is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = Path(s["out"] or f"runs/{Path(str(s['data'])).stem}-{stamp}")
+        if not (out / CONFIG_FILE).is_file():
+            raise InputError(f"--resume {out}: no {CONFIG_FILE} in that folder")
+        with _run_folder(out, "--resume", created=False):
+            s = _resume_settings(args, given, out)
+
+            def name_of_key(key):
+                return f"{out / CONFIG_FILE}: key {key!r}"
+
+            _check_settings(s, name_of_key)
+            # Killed before its first checkpoint: the run starts over.
+            resume = (out / CHECKPOINT_FILE).exists()
+            with _precision(s["dtype"]):
+                return _run_training(s, out, resume, name_of_key)
+    s = _flag_settings(args)
+    _check_settings(s, flag_of)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(s["out"] or f"runs/{Path(str(s['data'])).stem}-{stamp}")
+    created = not out.exists()
+    with _run_folder(out, "--out", created):
         if (out / CHECKPOINT_FILE).exists():
-            raise ValueError(
+            raise InputError(
                 f"--out {out} already holds a run; use --resume {out} to continue it "
                 "or choose another folder"
             )
-    with _precision(s["dtype"]):
-        return _run_training(s, out, resume)
+        with _precision(s["dtype"]):
+            return _run_training(s, out, False, flag_of)
+
+
+@contextlib.contextmanager
+def _run_folder(out: Path, flag: str, created: bool):
+    """Create ``out`` and hold its lock for the run; tidy up if it never started.
+
+    A second run on a held folder gets an InputError naming the holder (the
+    lock is the kernel's flock, released when the holder exits, even by
+    kill -9). If the run fails before it starts (no config.json was written)
+    in a folder it created, the folder is removed again.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(
+            f"{flag} {out}: cannot create the folder: {err.strerror} ({err.filename})"
+        ) from err
+    fd = _lock(out, flag)
+    try:
+        yield
+    except BaseException:
+        if created and not (out / CONFIG_FILE).exists():
+            with contextlib.suppress(OSError):
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock(out: Path, flag: str) -> int | None:
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return None
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise InputError(
+            f"{flag} {out}: cannot write in the folder: {err.strerror} ({path})"
+        ) from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        raise InputError(
+            f"{flag} {out} is in use by another fnnet run "
+            f"({holder or 'holder unknown'}); wait for it to end or choose another "
+            "folder"
+        ) from None
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.ftruncate(fd, 0)
+    os.pwrite(
+        fd,
+        f"pid {os.getpid()} on {socket.gethostname()}, started {stamp}\n".encode(),
+        0,
+    )
+    return fd
 
 
 def _precision(dtype: str):
@@ -596,7 +912,7 @@ def _streamed(s: dict) -> bool:
     data = str(s["data"])
     if data in fdata.BUILTIN:
         if s.get("chunk_rows") is not None:
-            raise ValueError(
+            raise InputError(
                 f"--chunk-rows streams a .npy, .npz or shard folder from disk; "
                 f"{data} is a bundled data set"
             )
@@ -615,9 +931,18 @@ def _stream_data(s: dict, task, extensions):
         seed=s["seed"],
     )
     if ds.task == "classification" and s["loss"] == "bce":
-        raise ValueError(
+        raise InputError(
             f"--loss bce is not available for streamed data ({s['data']}); use "
             "cross_entropy"
+        )
+    for key, off in (("devices", None), ("check_every", None), ("dp_clip", None)):
+        if s.get(key) != off:
+            raise InputError(
+                f"{flag_of(key)} is not available for streamed data ({s['data']})"
+            )
+    if s.get("log_noise_scale"):
+        raise InputError(
+            f"--log-noise-scale is not available for streamed data ({s['data']})"
         )
     # _network reads only the shape of the problem when no targets need recoding.
     shape = types.SimpleNamespace(
@@ -634,59 +959,174 @@ def _stream_data(s: dict, task, extensions):
     return ds, net, ds.source("train"), val, test
 
 
-def _run_training(s: dict, out: Path, resume: bool) -> int:
-    extensions = _extensions(s["activation"], s["output"], s["loss"])
+def _run_training(s: dict, out: Path, resume: bool, name_of_key) -> int:
+    with user_input(name_of_key):
+        extensions = _extensions(s["activation"], s["output"], s["loss"])
     task = None if s["task"] == "auto" else s["task"]
+    # Data problems raise DataError, an InputError.
     if _streamed(s):
-        ds, net, train_data, val_data, test_data = _stream_data(s, task, extensions)
-        return _train_and_report(
-            s, out, resume, ds, net, train_data, val_data, test_data
+        with user_input(name_of_key):
+            ds, net, train_data, val_data, test_data = _stream_data(s, task, extensions)
+        n_train = ds.sizes[0]
+    else:
+        ds = fdata.load_dataset(
+            s["data"],
+            target=_target(s["target"]),
+            task=task,
+            val_fraction=s["val_fraction"],
+            test_fraction=s["test_fraction"],
+            seed=s["seed"],
         )
-    ds = fdata.load_dataset(
-        s["data"],
-        target=_target(s["target"]),
-        task=task,
-        val_fraction=s["val_fraction"],
-        test_fraction=s["test_fraction"],
-        seed=s["seed"],
-    )
-    net, y_tr, y_va, y_te = _network(s, ds, *extensions)
-    val_data = (ds.x_val, y_va) if len(ds.x_val) > 0 else None
-    train_data, test_data = (ds.x_train, y_tr), (ds.x_test, y_te)
-    return _train_and_report(s, out, resume, ds, net, train_data, val_data, test_data)
+        with user_input(name_of_key):
+            net, y_tr, y_va, y_te = _network(s, ds, *extensions)
+        val_data = (ds.x_val, y_va) if len(ds.x_val) > 0 else None
+        train_data, test_data = (ds.x_train, y_tr), (ds.x_test, y_te)
+        if not len(ds.x_test):  # --test-fraction 0: nothing to test on
+            test_data = None
+        n_train = len(ds.x_train)
+    with user_input(name_of_key):
+        config = TrainConfig(
+            epochs=s["epochs"],
+            batch_size=s["batch_size"],
+            learning_rate=s["lr"],
+            optimizer=s["optimizer"],
+            momentum=s["momentum"],
+            l2=s["l2"],
+            weight_decay=s["weight_decay"],
+            decay_biases=s["decay_biases"],
+            noise_std=s["noise_std"],
+            patience=s["patience"] or None,
+            grad=s["grad"],
+            seed=s["seed"],
+            dp_clip=s["dp_clip"],
+            dp_noise=s["dp_noise"],
+            dp_delta=s["dp_delta"],
+        )
+    has_val = val_data is not None
+    if config.patience is not None and not has_val:
+        raise InputError("--patience needs a validation split (--val-fraction > 0)")
+    if s.get("devices") is not None:
+        with user_input(name_of_key):
+            n_dev = batch_sharding(s["devices"]).mesh.size
+        if min(config.batch_size, n_train) % n_dev:
+            raise InputError(
+                f"{name_of_key('batch_size')} {config.batch_size} does not split "
+                f"evenly over {n_dev} devices; choose a multiple of {n_dev}"
+            )
+    fingerprint = data_fingerprint(s, ds)
+    if "fingerprint" in s:
+        _check_fingerprint(s["fingerprint"], fingerprint, s["data"], out)
+    elif name_of_key is not flag_of:  # resuming a run from an older fnnet
+        print(
+            f"fnnet train: warning: {out / CONFIG_FILE} has no data fingerprint "
+            "(written by an older fnnet); the data cannot be checked",
+            file=sys.stderr,
+        )
+    s = {**s, "fingerprint": fingerprint}
+    params = net.init(jax.random.key(s["seed"]), dtype=jnp.dtype(s["dtype"]))
+
+    # The run starts: its settings are written (atomically), replacing any
+    # config.json a failed start left.
+    try:
+        _write_text(out / CONFIG_FILE, json.dumps(s, indent=2) + "\n")
+    except OSError as err:
+        raise InputError(f"cannot write {out / CONFIG_FILE}: {err.strerror}") from err
+    try:
+        return _fit_and_report(
+            s, out, resume, ds, net, (train_data, val_data, test_data), config, params
+        )
+    except KeyboardInterrupt:
+        print(
+            f"fnnet train: interrupted. {_kept(out)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except OSError as err:
+        where = err.filename or out
+        print(
+            f"fnnet train: error: {where}: {err.strerror or err}. {_kept(out)}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
 
-def _train_and_report(s, out, resume, ds, net, train_data, val_data, test_data):
+def _kept(out: Path) -> str:
+    """What a stopped run leaves, and the command that resumes it."""
+    command = f"fnnet train --resume {shlex.quote(str(out))}"
+    path = out / CHECKPOINT_FILE
+    try:
+        epoch = ckpt.load_meta(path)["epoch"]
+    except (ckpt.CheckpointError, KeyError, OSError):
+        return f"No checkpoint was written yet; start the run again with: {command}"
+    return f"The checkpoint of epoch {epoch} is kept in {path}; resume with: {command}"
+
+
+def data_fingerprint(s: dict, ds) -> dict:
+    """What identifies a run's data: the source's bytes and the split's arrays.
+
+    ``source``: sha256 of the data file (of the name, for a builtin);
+    ``split``: sha256 of the standardized train/validation/test arrays, which
+    changes with the rows, the fractions, the seed or the target column.
+    """
+    source = hashlib.sha256()
+    path = Path(str(s["data"]))
+    if s["data"] in fdata.BUILTIN:
+        source.update(str(s["data"]).encode())
+    else:  # a file, or a folder of shards (streamed)
+        files = (
+            sorted(p for p in path.iterdir() if p.is_file())
+            if path.is_dir()
+            else [path]
+        )
+        for file in files:
+            source.update(file.name.encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    source.update(chunk)
+    split = hashlib.sha256()
+    if isinstance(ds, fstream.StreamData):
+        # The split is drawn row by row while streaming: its sizes and the
+        # training rows' statistics identify it.
+        rows = list(ds.sizes)
+        arrays = (np.asarray(rows), ds.x_mean, ds.x_std, ds.y_mean, ds.y_std)
+    else:
+        rows = [len(ds.x_train), len(ds.x_val), len(ds.x_test)]
+        arrays = (ds.x_train, ds.y_train, ds.x_val, ds.y_val, ds.x_test, ds.y_test)
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray([] if a is None else a))
+        split.update(f"{a.dtype.str}{a.shape}".encode())
+        split.update(a.tobytes())
+    return {"source": source.hexdigest(), "split": split.hexdigest(), "rows": rows}
+
+
+def _check_fingerprint(saved, now: dict, data, out: Path) -> None:
+    if not isinstance(saved, dict):
+        raise InputError(
+            f"{out / CONFIG_FILE}: key 'fingerprint' must be an object, found {saved!r}"
+        )
+    rows = f"train/validation/test rows {saved.get('rows')} then, {now['rows']} now"
+    if saved.get("source") != now["source"]:
+        raise InputError(
+            f"--resume {out}: the data changed since the run started: {data} "
+            f"has sha256 {now['source'][:16]}..., the run started with "
+            f"{str(saved.get('source'))[:16]}... ({rows}); a resumed run must see "
+            "the same data, or test rows could leak into training: start a new run"
+        )
+    if saved.get("split") != now["split"]:
+        raise InputError(
+            f"--resume {out}: the train/validation/test split differs from the one "
+            f"the run started with ({rows}); check val_fraction, test_fraction, "
+            f"seed and target in {out / CONFIG_FILE}"
+        )
+
+
+def _fit_and_report(s, out, resume, ds, net, data, config, params) -> int:
     """Train on arrays or chunk sources, then write the run's files.
 
     ``ds`` is the :class:`fnnet.data.Dataset` or, streamed, the
     :class:`fnnet.stream.StreamData` (the same statistics and classes).
     """
-    config = TrainConfig(
-        epochs=s["epochs"],
-        batch_size=s["batch_size"],
-        learning_rate=s["lr"],
-        optimizer=s["optimizer"],
-        momentum=s["momentum"],
-        l2=s["l2"],
-        weight_decay=s["weight_decay"],
-        decay_biases=s["decay_biases"],
-        noise_std=s["noise_std"],
-        patience=s["patience"] or None,
-        grad=s["grad"],
-        seed=s["seed"],
-        dp_clip=s["dp_clip"],
-        dp_noise=s["dp_noise"],
-        dp_delta=s["dp_delta"],
-    )
-    has_val = val_data is not None
-    if config.patience is not None and not has_val:
-        raise ValueError("--patience needs a validation split (--val-fraction > 0)")
-    params = net.init(jax.random.key(s["seed"]), dtype=jnp.dtype(s["dtype"]))
-
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / CONFIG_FILE).exists():
-        _write_text(out / CONFIG_FILE, json.dumps(s, indent=2) + "\n")
+    train_data, val_data, test_data = data
     bar = _progress(config.epochs, quiet=s["quiet"])
     if resume and bar is not None:
         bar.update(ckpt.load_meta(out / CHECKPOINT_FILE)["epoch"])
@@ -715,13 +1155,13 @@ def _train_and_report(s, out, resume, ds, net, train_data, val_data, test_data):
     )
     if bar is not None:
         bar.close()
+    metric = metric_name(net)
     if isinstance(test_data, tuple):
         test = evaluate(net, result.params, *test_data)
     elif test_data is not None:
         test = evaluate_chunks(net, result.params, test_data)
-    else:
-        test = {"loss": float("nan"), metric_name(net): float("nan")}
-    metric = metric_name(net)
+    else:  # --test-fraction 0: nothing to test on
+        test = {"loss": None, metric: None}
     metrics = {
         f"test_{metric}": test[metric],
         "test_loss": test["loss"],
@@ -746,9 +1186,10 @@ def _train_and_report(s, out, resume, ds, net, train_data, val_data, test_data):
     columns = _history_columns(result.history, metric, grad_columns if checked else [])
     _write_history(out / "history.csv", result.history, columns)
     _plot(out / "loss_curve.png", result.history, s["data"])
-    summary = f"test_{metric}={metrics[f'test_{metric}']:.4f}"
+    shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in test.items()}
     print(
-        f"{summary} test_loss={test['loss']:.4f} epochs={result.epochs_run} "
+        f"test_{metric}={shown[metric]} test_loss={shown['loss']} "
+        f"epochs={result.epochs_run} "
         f"best_epoch={result.best_epoch} time={result.train_seconds:.2f}s -> {out}"
     )
     if result.stopped == "non_finite":
@@ -910,8 +1351,13 @@ def _progress(total: int, quiet: bool):
 def _write_text(path: Path, text: str) -> None:
     """Write a file atomically: a temporary file in the same folder, then rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _history_columns(

@@ -497,7 +497,7 @@ def batch_sharding(devices: int | Sequence[jax.Device]) -> NamedSharding:
     if isinstance(devices, int):
         available = jax.devices()
         if isinstance(devices, bool) or not 1 <= devices <= len(available):
-            raise ValueError(
+            raise InputError(
                 f"devices must be between 1 and {len(available)} (the devices JAX "
                 f"sees: {available[0].platform} x{len(available)}), got {devices}"
             )
@@ -865,7 +865,7 @@ def fit(
       "non_finite"``) with the parameters of the last good epoch.
     """
     if config.patience is not None and val is None:
-        raise ValueError("config.patience needs a validation split, got val=None")
+        raise InputError("config.patience needs a validation split, got val=None")
     streamed = is_chunk_source(train)
     if streamed and (devices is not None or check_every is not None):
         raise ValueError(
@@ -877,7 +877,7 @@ def fit(
         or not isinstance(check_every, int)
         or check_every < 1
     ):
-        raise ValueError(
+        raise InputError(
             f"check_every must be a positive int or None, got {check_every!r}"
         )
     if config.dp_clip is not None or log_noise_scale:
@@ -913,7 +913,7 @@ def fit(
         sharding = batch_sharding(devices)
         n_dev, B = sharding.mesh.size, min(config.batch_size, X.shape[0])
         if B % n_dev:
-            raise ValueError(
+            raise InputError(
                 f"batch_size {B} does not split evenly over {n_dev} devices; "
                 f"choose a multiple of {n_dev}"
             )
@@ -925,7 +925,7 @@ def fit(
     loop = _Loop(best_params=_copy(params))
     if resume:
         if checkpoint is None:
-            raise ValueError("resume=True needs a checkpoint path")
+            raise InputError("resume=True needs a checkpoint path")
         state, loop, base_key = _load(checkpoint, state, loop, base_key, config, net)
     if sharding is not None:
         state = jax.device_put(state, replicated)
