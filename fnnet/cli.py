@@ -672,6 +672,10 @@ def _check_settings(s: dict, name_of_key) -> None:
         raise InputError(
             f"{name_of_key('patience')} must be >= 0 (0: off), got {s['patience']}"
         )
+    if not 0 <= s["seed"] < 2**63:
+        raise InputError(
+            f"{name_of_key('seed')} must be in [0, 2**63), got {s['seed']}"
+        )
     devices = s.get("devices")
     if devices is not None and devices < 1:
         raise InputError(f"{name_of_key('devices')} must be >= 1, got {devices}")
@@ -769,16 +773,9 @@ def _resume_settings(args, given: set[str], out: Path) -> dict:
     """
     path = out / CONFIG_FILE
     saved = read_config(path)
-    for key, value in (  # a config from before these flags
-        ("check_every", None),
-        ("devices", None),
-        ("precision", None),
-        ("dp_clip", None),
-        ("dp_noise", 0.0),
-        ("dp_delta", None),
-        ("log_noise_scale", False),
-        ("chunk_rows", None),
-    ):
+    # A config from before a flag existed: that flag's default.
+    defaults = _flag_settings(build_parser().parse_args(["train"]))
+    for key, value in defaults.items():
         saved.setdefault(key, value)
     fresh = _flag_settings(args)
     typed = {"keep_prob" if k == "dropout" else k for k in given} - {"resume"}
@@ -815,13 +812,15 @@ def _train(args, given: set[str]) -> int:
         out = Path(args.resume)
         if not (out / CONFIG_FILE).is_file():
             raise InputError(f"--resume {out}: no {CONFIG_FILE} in that folder")
+        # The settings are checked before the lock: a refused resume never
+        # waits for, or blocks, the folder.
+        s = _resume_settings(args, given, out)
+
+        def name_of_key(key):
+            return f"{out / CONFIG_FILE}: key {key!r}"
+
+        _check_settings(s, name_of_key)
         with _run_folder(out, "--resume", created=False):
-            s = _resume_settings(args, given, out)
-
-            def name_of_key(key):
-                return f"{out / CONFIG_FILE}: key {key!r}"
-
-            _check_settings(s, name_of_key)
             # Killed before its first checkpoint: the run starts over.
             resume = (out / CHECKPOINT_FILE).exists()
             with _precision(s["dtype"]):

@@ -471,6 +471,8 @@ def _read_csv_rows(path: str) -> tuple[list[list[str]], list[int]]:
                 line = reader.line_num + 1
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror})") from e
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from e
     if not rows:

@@ -520,7 +520,9 @@ _evaluate = jax.jit(core.evaluate, static_argnums=0)
 def evaluate(net: MLP, params: Params, x, y) -> dict[str, float]:
     """The cost J and the metric (accuracy, or R^2 averaged over targets)."""
     x, y = net.validate(params, x, y)
-    return _evaluation_record(net, params, *core.prepare(net, params, x, y))
+    X, Y = core.prepare(net, params, x, y)
+    check_finite_data("", X, Y)
+    return _evaluation_record(net, params, X, Y)
 
 
 def _evaluation_record(net, params, X, Y) -> dict[str, float]:
@@ -1049,23 +1051,29 @@ def _stream_epoch(net, config, optimizer, state, source, key, seed, epoch):
     if not losses:
         raise ValueError("train (a chunk source) gave no rows in this epoch")
     return state, jnp.concatenate(losses), True
+
+
 def check_finite_data(name: str, x: Array, y: Array) -> None:
     """Raise InputError if prepared data holds NaN or inf.
 
     Run on x and y after their conversion to the parameters' dtype, so a value
     that overflows that dtype (1e300 in float32) is caught too. Without this,
     NaN inputs surface as a non-finite loss that blames the learning rate,
-    and NaN validation rows make every epoch "no better" than the start.
+    NaN validation rows make every epoch "no better" than the start, and a
+    ReLU network quietly maps NaN features to predictions.
+
+    Args:
+      name: which data, for the message ("train", "val", or "" for plain x, y).
+      x, y: prepared arrays (in the parameters' dtype).
     """
-    for what, a in (("x", x), ("y", y)):
+    for what, a in ((f"{name} x".strip(), x), (f"{name} y".strip(), y)):
         if not jnp.issubdtype(a.dtype, jnp.floating) or bool(jnp.all(jnp.isfinite(a))):
             continue
         bad = np.argwhere(~np.isfinite(np.asarray(a)))
         where = ", ".join(str(int(i)) for i in bad[0])
         raise InputError(
-            f"{name} {what} holds NaN or infinite values in {a.dtype} (first at "
-            f"{name} {what}[{where}], {len(bad)} in all); clean or rescale the "
-            "data before training"
+            f"{what} holds NaN or infinite values in {a.dtype} (first at "
+            f"{what}[{where}], {len(bad)} in all); clean or rescale the data"
         )
 
 
