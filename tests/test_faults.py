@@ -339,6 +339,8 @@ def test_cli_lock_sigint_resume_checks_and_write_failure(tmp_path):
     _csv(tmp_path / "d.csv", _classes())
     run, other = tmp_path / "run", tmp_path / "other"
     long_run = ["--data", "d.csv", "--out", "run", "--epochs", "100000"]
+    run.mkdir()  # a failed start of an older fnnet left its config.json
+    (run / "config.json").write_text(json.dumps({**CONFIG, "lr": 0.5}))
     a = _start(tmp_path, *TINY, *long_run, "--patience", "0")
     b = _start(tmp_path, *TINY, *long_run[:2], "--out", "other", *long_run[4:])
     _wait_for_checkpoint(a, run / "checkpoint.npz")
@@ -361,8 +363,8 @@ def test_cli_lock_sigint_resume_checks_and_write_failure(tmp_path):
     assert f"checkpoint of epoch {epoch} is kept" in err
     command = err.split("resume with: ")[1].split()
     assert command == ["fnnet", "train", "--resume", "run"]
-    settings = json.loads((run / "config.json").read_text())
-    assert settings["fingerprint"]["rows"] == [20, 4, 6]  # of 30 rows
+    settings = json.loads((run / "config.json").read_text())  # the run's own
+    assert settings["fingerprint"]["rows"] == [20, 4, 6] and settings["lr"] == 0.001
     # 5: a changed data file is refused, naming the change; a flag that
     # differs from the saved setting is an error.
     original = (tmp_path / "d.csv").read_text()
