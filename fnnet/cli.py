@@ -715,12 +715,12 @@ def _value_kind(action):
             lambda v: isinstance(v, list) and all(_is_int(m) for m in v),
             "a list of ints",
         )
-    if action.choices is not None:
-        choices = list(action.choices)
-        return (lambda v: v in choices, f"one of {choices}")
     base = {int: (_is_int, "an int"), float: (_is_number, "a number")}.get(
         action.type, (lambda v: isinstance(v, str), "a string")
     )
+    if action.choices is not None:
+        choices = list(action.choices)
+        base = (lambda v: v in choices, f"one of {choices}")
     if action.type is _positive_int:
         base = (lambda v: _is_int(v) and v >= 1, "a positive int")
     if action.default is None:
