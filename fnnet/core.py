@@ -168,18 +168,26 @@ def backprop(
     return HandGrads(J, grads, dx, dy if target_grad else None)
 
 
-def per_example_grads(net, params: Params, x: Array, y: Array):
+def per_example_grads(net, params: Params, x: Array, y: Array, masks=None):
     """L_i (N,) and per-example gradients (leading axis N on every leaf).
 
     ``jax.vmap`` of the single-example hand-written backward pass over the
     rows of prepared x and y.
+
+    Args:
+      net, params: the network.
+      x, y: a prepared batch, (N, M_0) and its N targets.
+      masks: the batch's scaled dropout masks, each (N, M_l) (as
+        :func:`masks_for` draws them for x), or None. Example i uses row i
+        of every mask, so the mean of the per-example gradients is the batch
+        gradient of :func:`backprop` with the same masks.
     """
 
-    def one(xi, yi):
-        J, grads, _, _ = backprop(net, params, xi, yi)
+    def one(xi, yi, mi):
+        J, grads, _, _ = backprop(net, params, xi, yi, mi)
         return J, grads
 
-    return jax.vmap(one)(x, y)
+    return jax.vmap(one)(x, y, masks)
 
 
 # --- per-example gradient norms and clipping (eqs. 25-27) -------------------

@@ -301,13 +301,32 @@ class MLP:
         J, grads, dx = _backprop(self, params, x, y, key, input_grad)
         return (J, grads, dx) if input_grad else (J, grads)
 
-    def per_example_grads(self, params: Params, x: Array, y: Array):
+    def per_example_grads(
+        self, params: Params, x: Array, y: Array, *, key: Array | None = None
+    ):
         """Per-example losses L_i (N,) and gradients (leading axis N on every leaf).
 
         ``jax.vmap`` of the single-example hand-written backward pass.
+
+        Args:
+          params: as returned by :meth:`init`.
+          x: a batch (N, M_0), floating.
+          y: its targets; see :meth:`backprop`.
+          key: PRNG key for dropout, as for :meth:`backprop`. The masks are
+            those the batched pass draws for this key and batch: one (N, M_l)
+            mask per hidden layer, and example i uses row i of each. So the
+            mean of the per-example gradients equals
+            ``backprop(params, x, y, key=key)``'s gradient, and example i's
+            gradient is that of its own loss under its row of the masks
+            (not of ``backprop(params, x[i], y[i], key=key)``, which would
+            draw a mask of its own).
+
+        Returns:
+          ``(L, grads)``: L (N,), and grads with the structure of ``params``
+          and a leading axis N on every leaf.
         """
-        x, y = self.validate(params, x, y, batch=True)
-        return _per_example(self, params, x, y)
+        x, y = self.validate(params, x, y, key=key, batch=True)
+        return _per_example(self, params, x, y, key)
 
     def per_example_norms(
         self, params: Params, x: Array, y: Array, *, key: Array | None = None
@@ -651,8 +670,9 @@ def _backprop(net: MLP, params: Params, x: Array, y: Array, key, input_grad: boo
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _per_example(net: MLP, params: Params, x: Array, y: Array):
-    return core.per_example_grads(net, params, *core.prepare(net, params, x, y))
+def _per_example(net: MLP, params: Params, x: Array, y: Array, key):
+    x, y = core.prepare(net, params, x, y)
+    return core.per_example_grads(net, params, x, y, core.masks_for(net, key, x))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -15,7 +15,7 @@ from references import REFERENCE_H
 
 import fnnet
 from fnnet import backward as bw
-from fnnet import network
+from fnnet import core, network
 from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
 
 
@@ -444,6 +444,31 @@ def test_dropout_masks_are_inverted_bernoulli():
         # 15000 / 10000 draws: the kept fraction is p within 4 standard errors.
         kept = np.mean(np.asarray(m) > 0)
         assert abs(kept - 0.8) < 4 * np.sqrt(0.8 * 0.2 / m.size)
+
+
+def test_per_example_grads_with_dropout_use_rows_of_the_batch_masks(dropout_net):
+    net, params, x, y = dropout_net
+    key = jax.random.key(46)
+    L, per = net.per_example_grads(params, x, y, key=key)
+    # The masks the batched pass draws for this key: one (N, M_l) per layer,
+    # with units really dropped.
+    masks = network.dropout_masks(net, key, (10,), jnp.float64)
+    assert all(np.any(np.asarray(m) == 0) for m in masks)
+
+    @jax.jit
+    def oracle(params, x, y, masks):  # jax.grad of each example's own loss
+        one = jax.value_and_grad(lambda p, xi, yi, mi: core.cost(net, p, xi, yi, mi))
+        return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, x, y, masks)
+
+    L_ref, per_ref = oracle(params, x, y, masks)
+    np.testing.assert_allclose(L, L_ref, rtol=1e-14)
+    assert_trees_close(per, per_ref, rtol=1e-12, atol=1e-15)
+    # Those are the batch's masks: the batched cost and hand gradient with the
+    # same key are the means.
+    J, grads = net.backprop(params, x, y, key=key)
+    np.testing.assert_allclose(np.mean(L_ref), J, rtol=1e-14)
+    mean = jax.tree.map(lambda g: jnp.mean(g, 0), per)
+    assert_trees_close(mean, grads, rtol=1e-12, atol=1e-15)
 
 
 def test_key_without_dropout_is_an_error(contract):
