@@ -24,6 +24,20 @@ An :class:`Activation` is also a block (docs/derivation.md#blocks, eq. 16): its
 ``(None, h'(a) * dz)``. Users bring their own as ``Activation(name, h, h_prime)``
 and pass it wherever a name is accepted; :func:`fnnet.verify` checks ``h_prime``
 against ``jax.grad`` and finite differences.
+
+Each activation also names the initialisation of the weights that feed it
+(``weight_init``, one of ``WEIGHT_INITS``; biases always start at 0):
+
+* ``"he"``: W ~ N(0, 2 / fan_in), for the ReLU family (relu, leaky_relu,
+  elu, gelu), which zero out about half of their inputs (He et al., 2015);
+* ``"lecun"``: W ~ N(0, 1 / fan_in), for identity, sigmoid, tanh and
+  softplus, and for the softmax output (LeCun et al., 1998);
+* ``"glorot"``: W ~ N(0, 2 / (fan_in + fan_out)) (Glorot and Bengio, 2010),
+  used by no built-in, offered for a user's activation.
+
+fan_in = M_{l-1} and fan_out = M_l are the layer's input and output widths.
+A user's Activation without ``weight_init`` gets ``"lecun"``, the variance
+that keeps a unit-slope activation's pre-activations at unit scale.
 """
 
 from __future__ import annotations
@@ -44,6 +58,12 @@ LEAKY_SLOPE = 0.01
 #: ELU's alpha: h(a) = alpha * (e^a - 1) for a <= 0 (same as ``jax.nn.elu``).
 ELU_ALPHA = 1.0
 
+#: Weight initialisation schemes (see the module docstring): the variance of
+#: W^(l)'s entries is ``weight_gain2(scheme, fan_in, fan_out) / fan_in``.
+WEIGHT_INITS = ("lecun", "he", "glorot")
+#: The scheme of an activation that does not name one.
+DEFAULT_WEIGHT_INIT = "lecun"
+
 _HIGHEST = jax.lax.AccuracyMode.HIGHEST
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -57,6 +77,10 @@ class Activation:
       name: a short name, used in messages, checkpoints and reports.
       h: the activation, applied elementwise to an array of any shape.
       h_prime: its hand-derived derivative h'(a), elementwise, same shape.
+      weight_init: how :meth:`fnnet.MLP.init` draws the weights of the layer
+        this activation follows (the output layer's for an output
+        activation): ``"lecun"`` N(0, 1 / fan_in) (the default), ``"he"``
+        N(0, 2 / fan_in) or ``"glorot"`` N(0, 2 / (fan_in + fan_out)).
 
     Frozen and hashable (the functions compare by identity), so a network
     holding it can be a static argument of ``jax.jit``. Define ``h`` and
@@ -75,9 +99,11 @@ class Activation:
     name: str
     h: Callable[[Array], Array]
     h_prime: Callable[[Array], Array]
+    weight_init: str = DEFAULT_WEIGHT_INIT
 
     def __post_init__(self):
         check_extension("Activation", self, ("h", "h_prime"))
+        check_weight_init("Activation", self)
 
     #: An activation has no parameters.
     init = None
@@ -89,6 +115,29 @@ class Activation:
     def backward(self, params, a: Array, dz: Array):
         """The block's backward (eq. 16): ``(None, h'(a) * dz)``."""
         return None, self.h_prime(a) * dz
+
+
+def check_weight_init(kind: str, ext) -> None:
+    """Check an extension's ``weight_init`` (an Activation's or a Block's).
+
+    Raises:
+      ValueError: naming the extension and listing ``WEIGHT_INITS``.
+    """
+    if ext.weight_init not in WEIGHT_INITS:
+        raise ValueError(
+            f"{kind} {ext.name!r}: weight_init must be one of {WEIGHT_INITS}, got "
+            f"{ext.weight_init!r}"
+        )
+
+
+def weight_gain2(scheme: str, fan_in: int, fan_out: int) -> float:
+    """gain^2 of a scheme, W ~ N(0, gain^2 / fan_in): lecun 1, he 2, glorot
+    2 fan_in / (fan_in + fan_out) (so its variance is 2 / (fan_in + fan_out))."""
+    if scheme == "he":
+        return 2.0
+    if scheme == "glorot":
+        return 2.0 * fan_in / (fan_in + fan_out)
+    return 1.0
 
 
 def identity(a: Array) -> Array:
@@ -200,14 +249,14 @@ def gelu_prime(a: Array) -> Array:
 ACTIVATIONS: dict[str, Activation] = {
     act.name: act
     for act in (
-        Activation("identity", identity, identity_prime),
-        Activation("sigmoid", sigmoid, sigmoid_prime),
-        Activation("tanh", tanh, tanh_prime),
-        Activation("relu", relu, relu_prime),
-        Activation("leaky_relu", leaky_relu, leaky_relu_prime),
-        Activation("softplus", softplus, softplus_prime),
-        Activation("elu", elu, elu_prime),
-        Activation("gelu", gelu, gelu_prime),
+        Activation("identity", identity, identity_prime, weight_init="lecun"),
+        Activation("sigmoid", sigmoid, sigmoid_prime, weight_init="lecun"),
+        Activation("tanh", tanh, tanh_prime, weight_init="lecun"),
+        Activation("relu", relu, relu_prime, weight_init="he"),
+        Activation("leaky_relu", leaky_relu, leaky_relu_prime, weight_init="he"),
+        Activation("softplus", softplus, softplus_prime, weight_init="lecun"),
+        Activation("elu", elu, elu_prime, weight_init="he"),
+        Activation("gelu", gelu, gelu_prime, weight_init="he"),
     )
 }
 

@@ -35,7 +35,12 @@ import jax.numpy as jnp
 
 from fnnet import backward as bw
 from fnnet import losses
-from fnnet.activations import name_of, output_fn
+from fnnet.activations import (
+    DEFAULT_WEIGHT_INIT,
+    check_weight_init,
+    name_of,
+    output_fn,
+)
 from fnnet.types import Array, check_extension
 
 #: Parameter keys of the affine block; a user block's name must differ from them.
@@ -53,6 +58,9 @@ class Block:
       backward: ``backward(params, cache, dy) -> (dparams, dx)``.
       init: ``init(key, width, dtype) -> params`` for a block with
         parameters (a pytree of arrays), or None for a block without.
+      weight_init: how :meth:`fnnet.MLP.init` draws the weights of the
+        affine map before the block, as for :class:`fnnet.Activation`:
+        ``"lecun"`` (the default), ``"he"`` or ``"glorot"``.
 
     Frozen and hashable (functions compare by identity), so a network that
     holds it is a valid static argument of ``jax.jit``.
@@ -81,9 +89,11 @@ class Block:
     forward: Callable[[Any, Array], tuple[Array, Any]]
     backward: Callable[[Any, Any, Array], tuple[Any, Array]]
     init: Callable[[Array, int, Any], Any] | None = None
+    weight_init: str = DEFAULT_WEIGHT_INIT
 
     def __post_init__(self):
         check_extension("Block", self, ("forward", "backward"), ("init",))
+        check_weight_init("Block", self)
         if self.name in AFFINE_KEYS:
             raise ValueError(
                 f"Block name {self.name!r} clashes with the layer's {AFFINE_KEYS} "

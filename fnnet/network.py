@@ -42,8 +42,6 @@ from fnnet.core import dropout_masks, forward_cache  # noqa: F401  (public here 
 from fnnet.losses import Loss
 from fnnet.types import Array, Params
 
-# Activations whose weights get He initialisation (variance 2 / fan_in).
-_RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu")
 _MISSING = object()
 
 
@@ -210,11 +208,14 @@ class MLP:
     def init(self, key: Array, dtype=jnp.float32) -> Params:
         """Random initial parameters, a tuple of {"W": (M_l, M_{l-1}), "b": (M_l,)}.
 
-        W^(l) ~ N(0, gain^2 / M_{l-1}) with gain^2 = 2 when h^(l) is ReLU-like
-        (relu, leaky_relu, elu, gelu: He et al.) and 1 otherwise (LeCun; the
-        output layer too); biases start at 0. A hidden :class:`fnnet.Block`
-        with parameters gets ``block.init(fold_in(key_l, 1), M_l, dtype)``
-        under its name.
+        W^(l) is drawn by the scheme of the activation (or block) h^(l) that
+        follows it, its ``weight_init``: ``"he"`` N(0, 2 / M_{l-1}) for relu,
+        leaky_relu, elu and gelu; ``"lecun"`` N(0, 1 / M_{l-1}) for identity,
+        sigmoid, tanh, softplus and softmax, and for a user's Activation or
+        Block that names no scheme; ``"glorot"`` N(0, 2 / (M_{l-1} + M_l))
+        when one asks for it. Biases start at 0. A hidden
+        :class:`fnnet.Block` with parameters gets
+        ``block.init(fold_in(key_l, 1), M_l, dtype)`` under its name.
 
         Args:
           key: a JAX PRNG key, split once per layer.
@@ -230,8 +231,14 @@ class MLP:
         for l, (k, fan_in, fan_out) in enumerate(
             zip(keys, self.sizes[:-1], self.sizes[1:], strict=True)
         ):
-            act = hidden[l].name if l < len(hidden) else name_of(self.output)
-            gain2 = 2.0 if act in _RELU_LIKE else 1.0
+            # The scheme of what follows the layer; softmax (a name) has none.
+            after = (
+                hidden[l]
+                if l < len(hidden)
+                else activations.get(self.output, output=True)
+            )
+            scheme = getattr(after, "weight_init", activations.DEFAULT_WEIGHT_INIT)
+            gain2 = activations.weight_gain2(scheme, fan_in, fan_out)
             layer = blocks.affine_init(k, fan_in, fan_out, dtype, gain2)
             if l < len(hidden) and hidden[l].init:
                 block_key = jax.random.fold_in(k, 1)

@@ -95,6 +95,49 @@ def test_init_deterministic_and_scaled():
         net.init(jax.random.key(0), jnp.int32)
 
 
+def test_weight_init_is_the_activations_own_stated_choice():
+    schemes = {name: act.weight_init for name, act in fnnet.ACTIVATIONS.items()}
+    assert schemes == {
+        "identity": "lecun",
+        "sigmoid": "lecun",
+        "tanh": "lecun",
+        "relu": "he",
+        "leaky_relu": "he",
+        "softplus": "lecun",
+        "elu": "he",
+        "gelu": "he",
+    }
+    relu = fnnet.ACTIVATIONS["relu"]
+    # A user's activation gets lecun unless it names a scheme, even when it is
+    # called "relu": the scheme belongs to the object, not to its name.
+    own_relu = fnnet.Activation("relu", relu.h, relu.h_prime)
+    glorot = fnnet.Activation("g", relu.h, relu.h_prime, weight_init="glorot")
+    block = fnnet.Block("blk", relu.forward, relu.backward, weight_init="he")
+    assert (
+        own_relu.weight_init == "lecun"
+        and fnnet.Block("plain", relu.forward, relu.backward).weight_init == "lecun"
+    )
+    net = fnnet.MLP(
+        (400, 300, 200, 150, 100), (own_relu, glorot, block), "softmax", "cross_entropy"
+    )
+    params = net.init(jax.random.key(9), jnp.float64)
+    # Variances: lecun (own "relu"), glorot, he (the block), lecun (softmax).
+    expected = [1 / 400, 2 / (300 + 200), 2 / 200, 1 / 150]
+    # 15k to 120k draws each: the sample std is within 2% of the target.
+    for layer, var in zip(params, expected, strict=True):
+        np.testing.assert_allclose(np.std(layer["W"]), np.sqrt(var), rtol=0.02)
+    for bad in (
+        lambda: fnnet.Activation("x", relu.h, relu.h_prime, weight_init="xavier"),
+        lambda: fnnet.Block("x", relu.forward, relu.backward, weight_init="xavier"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"weight_init must be one of \('lecun', 'he', 'glorot'\), "
+            "got 'xavier'",
+        ):
+            bad()
+
+
 def test_config_is_normalised_hashable_and_frozen():
     a = fnnet.MLP([3, 4, 4, 2], activation=["tanh", "relu"], keep_prob=1)
     b = fnnet.MLP((3, 4, 4, 2), activation=("tanh", "relu"), keep_prob=1.0)
