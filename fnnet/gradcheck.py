@@ -73,8 +73,30 @@ class GradcheckReport:
     #: The matrix-product precision both gradients were computed at.
     precision: str = "platform default"
 
+    #: The columns :meth:`worst` accepts: the relative errors of each row.
+    COLUMNS = ("hand_vs_auto", "hand_vs_fd", "auto_vs_fd")
+
     def worst(self, column: str = "hand_vs_auto") -> float:
-        """Largest relative error of a column over every leaf (nan-free columns)."""
+        """Largest relative error of one column over every leaf.
+
+        Args:
+          column: ``"hand_vs_auto"`` (hand-written vs ``jax.grad``),
+            ``"hand_vs_fd"`` (hand-written vs finite differences) or
+            ``"auto_vs_fd"`` (``jax.grad`` vs finite differences): the
+            table's hand-auto, hand-fd and auto-fd columns.
+
+        Returns:
+          The largest value; 0.0 for a report without rows, nan for an FD
+          column of a check run with ``fd=False``.
+
+        Raises:
+          ValueError: ``column`` is not one of ``COLUMNS``; the message lists
+            them.
+        """
+        if column not in self.COLUMNS:
+            raise ValueError(
+                f"column must be one of {', '.join(self.COLUMNS)}, got {column!r}"
+            )
         values = [getattr(r, column) for r in self.rows]
         return max(values) if values else 0.0
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import fnnet
 from fnnet.activations import HIDDEN_ACTIVATIONS
+from fnnet.gradcheck import LeafCheck
 
 PAIRS = [
     ("identity", "mse"),
@@ -174,6 +175,25 @@ def test_report_table():
     assert text.startswith("gradcheck (float64, fd eps=1e-05)")
     assert "hand-auto" in text and "worst:" in text
     assert len(text.splitlines()) == 3 + len(report.rows) + 1
+
+
+def test_worst_names_its_columns():
+    rows = tuple(
+        LeafCheck(1, leaf, (2,), 1.0, ha, hf, af, "full")
+        for leaf, ha, hf, af in (("W", 1e-16, 3e-9, 2e-9), ("b", 4e-16, 1e-9, 5e-9))
+    )
+    report = fnnet.GradcheckReport(rows, "float64", 1e-5)
+    assert report.worst() == report.worst("hand_vs_auto") == 4e-16
+    assert report.worst("hand_vs_fd") == 3e-9
+    assert report.worst("auto_vs_fd") == 5e-9
+    assert fnnet.GradcheckReport.COLUMNS == ("hand_vs_auto", "hand_vs_fd", "auto_vs_fd")
+    for column in fnnet.GradcheckReport.COLUMNS:  # each one is documented
+        assert (
+            f"``{column!r}``".replace("'", '"') in fnnet.GradcheckReport.worst.__doc__
+        )
+    listed = "hand_vs_auto, hand_vs_fd, auto_vs_fd, got 'hand-auto'"
+    with pytest.raises(ValueError, match=f"column must be one of {listed}"):
+        report.worst("hand-auto")
 
 
 def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
