@@ -44,6 +44,39 @@ from fnnet.types import Array, Params
 
 _MISSING = object()
 
+#: How to turn on JAX's 64-bit mode, for messages about float64.
+X64_HINT = (
+    'turn on 64-bit mode first: jax.config.update("jax_enable_x64", True) at the '
+    "start of the program, or JAX_ENABLE_X64=1 in the environment"
+)
+
+
+def float_dtype(dtype, argument: str = "dtype") -> np.dtype:
+    """``dtype`` as a NumPy dtype, checked: floating, and available in JAX now.
+
+    With 64-bit mode off JAX silently computes float64 requests in float32;
+    asking for float64 then is an error here instead.
+
+    Args:
+      dtype: anything ``jnp.dtype`` accepts.
+      argument: the argument's name, for messages.
+
+    Raises:
+      TypeError: ``dtype`` is not floating.
+      ValueError: ``dtype`` is 64-bit and JAX's 64-bit mode is off; the
+        message says how to turn it on.
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{argument} must be a floating dtype, got {dtype}")
+    available = jax.dtypes.canonicalize_dtype(dtype)
+    if available != dtype:
+        raise ValueError(
+            f"{argument}={dtype} needs JAX's 64-bit mode, which is off (JAX would "
+            f"silently compute in {available}); {X64_HINT}"
+        )
+    return dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class MLP:
@@ -220,10 +253,15 @@ class MLP:
         Args:
           key: a JAX PRNG key, split once per layer.
           dtype: floating dtype of every leaf; all computation runs in it.
+            float64 needs JAX's 64-bit mode (``jax.config.update(
+            "jax_enable_x64", True)`` or ``JAX_ENABLE_X64=1``).
+
+        Raises:
+          TypeError: ``dtype`` is not floating.
+          ValueError: ``dtype`` is float64 and 64-bit mode is off (JAX would
+            silently give float32).
         """
-        dtype = jnp.dtype(dtype)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        dtype = float_dtype(dtype)
         check_key(key)
         keys = jax.random.split(key, self.num_layers)
         hidden = self.hidden_blocks
@@ -505,6 +543,7 @@ class MLP:
                     )
                 if dtype is None:
                     dtype = leaf_dtype
+                    float_dtype(dtype, f"params[{l}]{where}.dtype")
                 elif leaf_dtype != dtype:
                     raise TypeError(
                         f"every parameter must share one dtype: params[0]['W'] is "

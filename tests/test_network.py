@@ -15,7 +15,7 @@ from references import REFERENCE_H
 
 import fnnet
 from fnnet import backward as bw
-from fnnet import core, network
+from fnnet import core, ensemble, network
 from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
 
 
@@ -93,6 +93,26 @@ def test_init_deterministic_and_scaled():
     np.testing.assert_allclose(np.std(p1[1]["W"]), np.sqrt(1 / 300), rtol=0.01)
     with pytest.raises(TypeError, match="dtype must be a floating dtype, got int32"):
         net.init(jax.random.key(0), jnp.int32)
+
+
+def test_float64_without_x64_is_an_error_that_says_how_to_turn_it_on():
+    net = fnnet.MLP((3, 4, 2))
+    key = jax.random.key(0)
+    how = r'jax\.config\.update\("jax_enable_x64", True\).*JAX_ENABLE_X64=1'
+    with jax.enable_x64(False):  # a user's default: 64-bit mode off
+        with pytest.raises(
+            ValueError, match=r"dtype=float64 needs JAX's 64-bit .*" + how
+        ):
+            net.init(key, jnp.float64)
+        with pytest.raises(ValueError, match="dtype=float64 needs"):
+            ensemble.init_many(net, key, 2, jnp.float64)
+        # float64 parameters made with NumPy would run in float32 too: refused.
+        as64 = [{"W": np.zeros((m, n)), "b": np.zeros(m)} for n, m in ((3, 4), (4, 2))]
+        with pytest.raises(
+            ValueError, match=r"params\[0\]\['W'\]\.dtype=float64 needs"
+        ):
+            net.forward(as64, np.zeros(3, np.float32))
+    assert net.init(key, jnp.float64)[0]["W"].dtype == jnp.float64  # x64 on
 
 
 def test_weight_init_is_the_activations_own_stated_choice():
