@@ -248,7 +248,9 @@ def network(sizes) -> MLP:
 
 
 def config(batch: int, grad: str) -> train.TrainConfig:
-    return train.TrainConfig(learning_rate=LEARNING_RATE, batch_size=batch, grad=grad)
+    return train.TrainConfig(
+        learning_rate=LEARNING_RATE, batch_size=batch, grad=grad, optimizer="sgd"
+    )
 
 
 def fresh_state(params) -> train.TrainState:
@@ -593,7 +595,7 @@ def hand_epoch_runner(lib, epoch_fn, net, params, X, Y, batch, losses: list):
     seed SEED. The losses of the first epoch are appended to ``losses``.
     """
     cfg = lib.TrainConfig(
-        learning_rate=LEARNING_RATE, batch_size=batch, grad="hand"
+        learning_rate=LEARNING_RATE, batch_size=batch, grad="hand", optimizer="sgd"
     ).step_part()
     optimizer = lib.make_optimizer(cfg)
     owned = jax.tree.map(lambda t: jnp.array(t, copy=True), params)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -68,7 +69,14 @@ from fnnet.train import (
 )
 
 CONFIG_FILE = "config.json"
-DEFAULT_EPOCHS = 200
+#: fnnet train's defaults are TrainConfig's: one home for every setting.
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+DEFAULT_EPOCHS = TRAIN_DEFAULTS["epochs"]
+#: --dtype's help: both commands turn 64-bit mode on themselves for float64.
+DTYPE_HELP = (
+    "precision of parameters and data; float64 turns on JAX's 64-bit mode for "
+    "this command's run only (no jax_enable_x64 needed)"
+)
 DEFAULT_DP_DELTA = 1e-5
 #: Held (flock) by the run using the folder; says who holds it.
 LOCK_FILE = "fnnet.lock"
@@ -133,6 +141,61 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default once, as "(default: X)".
+
+    A help text that already says its default (one that is None or needs
+    words, such as "default: the last column") is left as written, and a flag
+    whose default is None or False gets no "(default: None)".
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+class ListFlag(argparse.Action):
+    """A list flag that takes commas, spaces or both: ``--hidden 64,64`` or
+    ``--hidden 64 64``.
+
+    Every value is split on commas; empty items are errors. ``item`` is
+    ``"int"`` (positive integers: the flag's value is a list of ints) or
+    ``"name"`` (non-empty names, re-joined with commas: the flag's value is one
+    string such as ``"relu,tanh"``, as config.json stores it).
+    """
+
+    WHAT = {"int": "positive integers", "name": "names"}
+
+    def __init__(self, option_strings, dest, item: str = "int", **kwargs):
+        if item not in self.WHAT:
+            raise ValueError(f"item must be one of {tuple(self.WHAT)}, got {item!r}")
+        self.item = item
+        kwargs.setdefault("nargs", "+")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = []
+        for token in values:
+            parts = token.split(",")
+            if not all(self._ok(part) for part in parts):
+                raise argparse.ArgumentError(
+                    self,
+                    f"expected comma-separated {self.WHAT[self.item]}, got {token!r}",
+                )
+            items += parts
+        if self.item == "int":
+            setattr(namespace, self.dest, [int(v) for v in items])
+        else:
+            setattr(namespace, self.dest, ",".join(items))
+
+    def _ok(self, part: str) -> bool:
+        if self.item == "name":
+            return bool(part.strip()) and part == part.strip()
+        return part.isdigit() and int(part) >= 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fnnet", description="Train MLPs with hand-written backpropagation."
@@ -146,14 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
             + ", ".join(fdata.BUILTIN)
             + " (bundled with scikit-learn, offline), or a path to a .csv or .npz "
             "file. Writes metrics.json, history.csv, checkpoint.npz, config.json "
-            "and loss_curve.png to --out."
+            "and loss_curve.png to --out. The training defaults are those of "
+            "fnnet.train.TrainConfig. List flags take commas or spaces: "
+            "--hidden 64,64 or --hidden 64 64."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits", help="bundled data set name or file")
     g.add_argument(
-        "--target", default=None, help="csv target column: name or index (default last)"
+        "--target",
+        default=None,
+        help="csv target column: name or index (default: the last column)",
     )
     g.add_argument(
         "--task",
@@ -177,17 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("network")
     g.add_argument(
         "--hidden",
-        type=int,
+        action=ListFlag,
         nargs="*",
         default=[128],
         metavar="M",
-        help="hidden layer widths, e.g. --hidden 256 128 (none: a linear model)",
+        help="hidden layer widths, e.g. --hidden 256,128 or --hidden 256 128; "
+        "none (--hidden alone): a linear model (default: 128)",
     )
     g.add_argument(
         "--activation",
+        action=ListFlag,
+        item="name",
         default="relu",
-        help="hidden activation, or a comma list with one per hidden layer; "
-        f"one of {', '.join(HIDDEN_ACTIVATIONS)}{SPEC_HELP}"
+        metavar="NAME",
+        help="hidden activation, or one per hidden layer (relu,tanh or relu tanh); "
+        f"each one of {', '.join(HIDDEN_ACTIVATIONS)}{SPEC_HELP}"
         f"{SPEC_KINDS['--activation'][1]}",
     )
     g.add_argument(
@@ -206,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "user's loss needs a regression task)",
     )
     g.add_argument(
-        "--dtype", choices=("float32", "float64"), default="float32", help="precision"
+        "--dtype", choices=("float32", "float64"), default="float32", help=DTYPE_HELP
     )
     g.add_argument(
         "--precision",
@@ -217,16 +288,32 @@ def build_parser() -> argparse.ArgumentParser:
         "in float32 whatever the choice (None: the platform default)",
     )
 
+    d = TRAIN_DEFAULTS
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="momentum/nesterov")
     g.add_argument(
-        "--epochs", type=int, default=None, help="maximum epochs (default 200)"
+        "--optimizer", choices=OPTIMIZERS, default=d["optimizer"], help="optimizer"
     )
-    g.add_argument("--batch-size", type=int, default=32, help="mini-batch size")
-    g.add_argument("--grad", choices=GRADS, default="hand", help="gradient source")
-    g.add_argument("--seed", type=int, default=0, help="seed for init, split, shuffle")
+    g.add_argument("--lr", type=float, default=d["learning_rate"], help="learning rate")
+    g.add_argument(
+        "--momentum",
+        type=float,
+        default=d["momentum"],
+        help="momentum of --optimizer momentum/nesterov",
+    )
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"maximum epochs (default: {DEFAULT_EPOCHS}; with --resume, the run's "
+        "own limit)",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=d["batch_size"], help="mini-batch size"
+    )
+    g.add_argument("--grad", choices=GRADS, default=d["grad"], help="gradient source")
+    g.add_argument(
+        "--seed", type=int, default=d["seed"], help="seed for init, split, shuffle"
+    )
     g.add_argument(
         "--devices",
         type=int,
@@ -236,11 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("regularization")
-    g.add_argument("--l2", type=float, default=0.0, help="L2 penalty alpha/2 ||W||^2")
+    g.add_argument(
+        "--l2", type=float, default=d["l2"], help="L2 penalty alpha/2 ||W||^2"
+    )
     g.add_argument(
         "--weight-decay",
         type=float,
-        default=0.0,
+        default=d["weight_decay"],
         help="decoupled weight decay: fraction of W removed per step",
     )
     g.add_argument(
@@ -248,22 +337,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drop = g.add_mutually_exclusive_group()
     drop.add_argument(
-        "--keep-prob", type=float, default=None, help="dropout keep probability p"
+        "--keep-prob",
+        type=float,
+        default=None,
+        help="dropout keep probability p (default: 1, no dropout)",
     )
     drop.add_argument(
-        "--dropout", type=float, default=None, help="dropout drop rate (1 - p)"
+        "--dropout",
+        type=float,
+        default=None,
+        help="dropout drop rate 1 - p, instead of --keep-prob",
     )
-    g.add_argument("--noise-std", type=float, default=0.0, help="input noise std")
+    g.add_argument(
+        "--noise-std", type=float, default=d["noise_std"], help="input noise std"
+    )
     g.add_argument(
         "--patience",
         type=int,
-        default=20,
+        default=d["patience"] or 0,
         help="early stopping patience in epochs (0: off)",
     )
 
     g = p.add_argument_group("output")
     g.add_argument(
-        "--out", default=None, help="output folder (default runs/<data>-<time>)"
+        "--out", default=None, help="output folder (default: runs/<data>-<time>)"
     )
     g.add_argument(
         "--resume",
@@ -283,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every K epochs compare the hand gradient with jax.grad on the first "
         "256 training rows (evaluation mode: no dropout, noise or L2); per-layer "
         "relative errors go to history.csv, their maximum to metrics.json; "
-        "with --resume it may be set anew (None: off)",
+        "with --resume it may be set anew (default: off)",
     )
 
     g = p.add_argument_group(
@@ -306,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dp-noise",
         type=float,
-        default=0.0,
+        default=TRAIN_DEFAULTS["dp_noise"],
         metavar="SIGMA",
         help="noise multiplier: noise standard deviation / C (needs --dp-clip)",
     )
@@ -332,29 +429,44 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Build a network, draw a random batch, and print the relative error "
             "||u - v|| / max(||u||, ||v||) of each leaf between the hand-written "
-            "backward pass, jax.grad and central finite differences."
+            "backward pass, jax.grad and central finite differences. List flags "
+            "take commas or spaces: --sizes 20,32,5 or --sizes 20 32 5."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    c.add_argument("--sizes", default="64,32,10", help="layer widths M0,...,ML")
+    c.add_argument(
+        "--sizes",
+        action=ListFlag,
+        default=[64, 32, 10],
+        metavar="M",
+        help="layer widths M0 ... ML, inputs first (default: 64,32,10)",
+    )
     c.add_argument(
         "--activation",
+        action=ListFlag,
+        item="name",
         default="tanh",
-        help="hidden activation(s): names or package.module:attribute specs",
+        metavar="NAME",
+        help="hidden activation, or one per hidden layer (relu,tanh or relu tanh); "
+        f"each one of {', '.join(HIDDEN_ACTIVATIONS)}, or a package.module:attribute "
+        "spec",
     )
     c.add_argument(
         "--output",
         default="softmax",
-        help=f"one of {', '.join(OUTPUT_ACTIVATIONS)}, or a package.module:attribute "
-        "spec",
+        help=f"output activation: one of {', '.join(OUTPUT_ACTIVATIONS)}, or a "
+        "package.module:attribute spec",
     )
     c.add_argument(
         "--loss",
         default="cross_entropy",
-        help=f"one of {', '.join(LOSSES)}, or a package.module:attribute spec",
+        help=f"per-example loss: one of {', '.join(LOSSES)}, or a "
+        "package.module:attribute spec",
     )
     c.add_argument("--batch", type=int, default=16, help="examples in the batch")
-    c.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    c.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float64", help=DTYPE_HELP
+    )
     c.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -588,7 +700,7 @@ def _run_gradcheck(args) -> int:
     from fnnet.gradcheck import gradcheck
 
     with user_input(flag_of):
-        sizes = tuple(int(m) for m in args.sizes.split(","))
+        sizes = tuple(args.sizes)
         activation, output, loss = _extensions(args.activation, args.output, args.loss)
         net = MLP(sizes=sizes, activation=activation, output=output, loss=loss)
     if args.batch < 1:

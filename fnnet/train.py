@@ -61,23 +61,45 @@ class TrainConfig:
     """Everything about a training run except the network and the data.
 
     Hashable Python values only, so it can be a static argument of ``jit``.
+    The defaults are the only ones: ``fnnet train`` reads its flags' defaults
+    from these fields, so ``fit`` with ``TrainConfig()`` trains as
+    ``fnnet train`` does.
+
+    Attributes:
+      epochs: maximum number of epochs
+      batch_size: mini-batch size
+      learning_rate: the optimizer's step size
+      optimizer: the update rule: ``"sgd"`` (plain SGD, eq. 19), ``"momentum"``,
+        ``"nesterov"``, ``"adam"`` or ``"rmsprop"`` (optax's)
+      momentum: momentum of ``"momentum"`` and ``"nesterov"``
+      l2: L2 penalty alpha (eq. 17)
+      weight_decay: decoupled weight decay beta, per step (eq. 18)
+      decay_biases: apply ``l2`` and ``weight_decay`` to biases too
+      noise_std: std of Gaussian noise added to training inputs
+      patience: stop after this many epochs without a better validation loss
+        and keep the best epoch's parameters; needs validation data; None
+        (``--patience 0``): no early stopping
+      grad: gradient source, ``"hand"`` or ``"auto"`` (``jax.grad``)
+      seed: seeds shuffling, dropout and input noise
+      dp_clip: DP-SGD's per-example gradient norm bound C (see
+        :func:`dp_train_step`); None: DP-SGD off; inf: no clipping
+      dp_noise: DP-SGD's noise multiplier sigma (noise std sigma C)
+      dp_delta: the delta of the reported (epsilon, delta); None: none
+        reported (``fnnet train --dp-clip`` uses ``DEFAULT_DP_DELTA``)
     """
 
-    epochs: int = 100
+    epochs: int = 200
     batch_size: int = 32
-    learning_rate: float = 0.1
-    optimizer: str = "sgd"
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
     momentum: float = 0.9
     l2: float = 0.0
     weight_decay: float = 0.0
     decay_biases: bool = False
     noise_std: float = 0.0
-    patience: int | None = None
+    patience: int | None = 20
     grad: str = "hand"
     seed: int = 0
-    # DP-SGD (see :func:`dp_train_step`): per-example clipping bound C (None:
-    # off; inf: no clipping), noise multiplier sigma, and the delta of the
-    # reported (epsilon, delta).
     dp_clip: float | None = None
     dp_noise: float = 0.0
     dp_delta: float | None = None
@@ -866,8 +888,6 @@ def fit(
       the last epoch. A non-finite loss stops training (``stopped =
       "non_finite"``) with the parameters of the last good epoch.
     """
-    if config.patience is not None and val is None:
-        raise InputError("config.patience needs a validation split, got val=None")
     streamed = is_chunk_source(train)
     if streamed and (devices is not None or check_every is not None):
         raise ValueError(
@@ -900,6 +920,12 @@ def fit(
     else:
         X, Y = to_device(net, params, *net.validate(params, *train, batch=True))
         check_finite_data("train", X, Y)
+    if config.patience is not None and val is None:
+        raise InputError(
+            "config.patience needs a validation split, got val=None (patience="
+            f"{config.patience}); pass val=(x_val, y_val), or "
+            "TrainConfig(patience=None) to train without early stopping"
+        )
     if log_noise_scale and min(config.batch_size, X.shape[0]) < 2:
         raise ValueError(
             "log_noise_scale needs batch_size >= 2 (it compares single examples "

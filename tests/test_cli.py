@@ -1,5 +1,6 @@
 """The command line, run as a user would: flags, files written, bad input, resume."""
 
+import argparse
 import csv
 import json
 import os
@@ -10,12 +11,15 @@ import sys
 import textwrap
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from fnnet import checkpoint as ckpt
+from fnnet import cli
 from fnnet.cli import build_parser, main
 from fnnet.run import load_run
+from fnnet.train import TrainConfig
 
 FAST = ["--quiet", "--hidden", "16", "--epochs", "3"]
 
@@ -89,7 +93,6 @@ def test_help_documents_every_flag(capsys):
         (["--epochs", "0"], "epochs must be a positive int"),
         (["--batch-size", "0"], "batch_size must be a positive int"),
         (["--activation", "swish"], "activation 'swish' is not supported"),
-        (["--hidden", "-4"], "sizes must be positive ints"),
         (["--keep-prob", "1.5"], r"keep_prob must be a float in \(0, 1\]"),
         (["--data", "mnist"], "mnist"),
         (["--data", "wine", "--loss", "bce"], "bce needs two classes"),
@@ -228,7 +231,8 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 def test_float64_runs(tmp_path):
-    code, out = _run(tmp_path, "--dtype", "float64", *FAST)
+    with jax.enable_x64(False):  # a user's default: the command turns it on
+        code, out = _run(tmp_path, "--dtype", "float64", *FAST)
     assert code == 0
     assert (
         json.loads((out / "metrics.json").read_text())["config"]["dtype"] == "float64"
@@ -236,9 +240,11 @@ def test_float64_runs(tmp_path):
 
 
 def test_gradcheck_command_prints_a_table(capsys):
-    argv = ["gradcheck", "--sizes", "3,4,2", "--activation", "gelu", "--batch", "5"]
-    assert main(argv) == 0
+    argv = ["gradcheck", "--sizes", "3,4", "2", "--activation", "gelu", "--batch", "5"]
+    with jax.enable_x64(False):  # a user's default: the command turns it on
+        assert main(argv) == 0
     text = capsys.readouterr().out
+    assert "gradcheck (float64, " in text
     assert "hand-auto" in text and text.count(" full") == 4
     worst = text.strip().splitlines()[-1]
     assert worst.startswith("worst: hand-auto")
@@ -364,3 +370,79 @@ def test_bad_import_spec_exits_2(
     err = capsys.readouterr().err
     assert f"fnnet train: error: {flag} {spec!r}" in err
     assert message in err
+
+
+def _commands() -> dict:
+    """Every subcommand's parser, by name."""
+    parser = build_parser()
+    sub = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub[0].choices)
+
+
+def test_every_flag_of_every_command_has_help_showing_its_default_once():
+    commands = _commands()
+    assert {"train", "gradcheck"} <= set(commands)
+    for name, parser in commands.items():
+        for action in parser._actions:
+            assert action.help, f"fnnet {name} {action.option_strings}: no help"
+        text = parser.format_help()
+        assert "(default: None)" not in text
+        for entry in re.split(r"\n(?=  -)", text)[1:]:  # one entry per flag
+            assert entry.count("(default") <= 1, f"fnnet {name}:\n{entry}"
+        # --dtype says that the command turns 64-bit mode on itself.
+        if "--dtype" in text:
+            assert "float64 turns on JAX's 64-bit mode" in " ".join(text.split())
+
+
+def test_list_flags_take_commas_spaces_or_both():
+    parse = build_parser().parse_args
+    for argv, dest, value in [
+        (["gradcheck", "--sizes", "20,32,5"], "sizes", [20, 32, 5]),
+        (["gradcheck", "--sizes", "20", "32", "5"], "sizes", [20, 32, 5]),
+        (["gradcheck", "--sizes", "20,32", "5"], "sizes", [20, 32, 5]),
+        (["gradcheck"], "sizes", [64, 32, 10]),
+        (["gradcheck", "--activation", "tanh", "gelu"], "activation", "tanh,gelu"),
+        (["train", "--hidden", "64,64"], "hidden", [64, 64]),
+        (["train", "--hidden", "64", "64"], "hidden", [64, 64]),
+        (["train", "--hidden"], "hidden", []),
+        (["train"], "hidden", [128]),
+        (["train", "--activation", "relu,tanh"], "activation", "relu,tanh"),
+        (["train", "--activation", "relu", "tanh"], "activation", "relu,tanh"),
+    ]:
+        assert getattr(parse(argv), dest) == value, argv
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["gradcheck", "--sizes", "a,b"], "positive integers, got 'a,b'"),
+        (["gradcheck", "--sizes", "3", "0"], "positive integers, got '0'"),
+        (["train", "--hidden", "-4"], "positive integers, got '-4'"),
+        (["train", "--hidden", "64,,64"], "positive integers, got '64,,64'"),
+        (["train", "--activation", "relu,,tanh"], "names, got 'relu,,tanh'"),
+    ],
+)
+def test_bad_list_flags_exit_2_naming_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    flag = argv[1]
+    expected = f"fnnet {argv[0]}: error: argument {flag}: expected comma-separated "
+    assert expected + message in capsys.readouterr().err
+
+
+def test_train_defaults_are_train_configs(tmp_path, monkeypatch):
+    # fnnet train with no flags hands fit() exactly TrainConfig().
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_fit(net, params, train, val, config, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(cli, "fit", fake_fit)
+    with pytest.raises(Stop):
+        main(["train", "--out", str(tmp_path / "run"), "--quiet"])
+    assert seen["config"] == TrainConfig()

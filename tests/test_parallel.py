@@ -35,7 +35,7 @@ DATA_PARALLEL = textwrap.dedent(
     for dtype in ("float64", "float32"):
         p = net.init(jax.random.key(0), jnp.dtype(dtype))
         cfg = TrainConfig(epochs=4, batch_size=64, optimizer="adam",
-                          learning_rate=0.01, noise_std=0.1)
+                          learning_rate=0.01, noise_std=0.1, patience=None)
         one = fit(net, p, (x, y), (x[:64], y[:64]), cfg)
         many = fit(net, p, (x, y), (x[:64], y[:64]), cfg, devices=8)
         diffs = [float(jnp.max(jnp.abs(u - v))) for u, v in
@@ -52,7 +52,8 @@ DATA_PARALLEL = textwrap.dedent(
     out["all_reduce"] = "all-reduce" in hlo
     out["per_device_rows"] = "f32[8,10]" in hlo   # 64 rows / 8 devices
     try:
-        fit(net, p, (x, y), None, TrainConfig(batch_size=60), devices=8)
+        fit(net, p, (x, y), None, TrainConfig(batch_size=60, patience=None),
+            devices=8)
     except ValueError as err:
         out["uneven"] = str(err)
     print(json.dumps(out))
@@ -120,7 +121,7 @@ def test_ensemble_member_equals_its_single_run():
     # Member k of the vmapped run is the run fit() does with member k's
     # parameters and random stream (no validation, no early stopping).
     x, y = _blobs(96, 0)
-    cfg = TrainConfig(epochs=3, batch_size=16, learning_rate=0.1)
+    cfg = TrainConfig(epochs=3, batch_size=16, learning_rate=0.1, optimizer="sgd")
     params = ensemble.init_many(NET, jax.random.key(0), 4)
     many = ensemble.fit_many(NET, params, (x, y), cfg)
     member_keys = ensemble.member_keys_for(cfg.seed, 4)
@@ -145,7 +146,7 @@ def _fit_with_key(params, x, y, cfg, base_key):
 def test_bootstrap_members_differ_and_the_average_predicts():
     x, y = _blobs(120, 1)
     x_te, y_te = _blobs(60, 2)
-    cfg = TrainConfig(epochs=10, batch_size=16, learning_rate=0.1)
+    cfg = TrainConfig(epochs=10, batch_size=16, learning_rate=0.1, optimizer="sgd")
     params = ensemble.init_many(NET, jax.random.key(1), 5)
     result = ensemble.fit_many(NET, params, (x, y), cfg, bootstrap=True)
     W = result.params[0]["W"]

@@ -87,7 +87,12 @@ def test_any_optax_transformation_can_be_passed():
         optax.adamw(optax.cosine_decay_schedule(1e-2, 100), weight_decay=1e-3),
     )
     result = fit(
-        NET, _params(), (X_TR, Y_TR), None, TrainConfig(epochs=3), optimizer=tx
+        NET,
+        _params(),
+        (X_TR, Y_TR),
+        None,
+        TrainConfig(epochs=3, patience=None),
+        optimizer=tx,
     )
     assert result.epochs_run == 3
     assert len(jax.tree.leaves(result.state.opt_state)) > 2
@@ -95,7 +100,7 @@ def test_any_optax_transformation_can_be_passed():
 
 def test_hand_and_auto_give_the_same_step():
     for cfg in [
-        TrainConfig(l2=0.1),
+        TrainConfig(optimizer="sgd", learning_rate=0.1, l2=0.1),
         TrainConfig(optimizer="adam", learning_rate=0.01, weight_decay=0.01),
     ]:
         tx = train.make_optimizer(cfg)
@@ -184,7 +189,7 @@ def test_input_noise_changes_the_batch_and_both_sources_agree():
 
 
 def test_an_epoch_is_one_compiled_call_that_does_not_retrace():
-    cfg = TrainConfig(epochs=4, batch_size=16, learning_rate=0.05)
+    cfg = TrainConfig(epochs=4, batch_size=16, learning_rate=0.05, optimizer="sgd")
     fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
     size = train.run_epoch_jit._cache_size()
     fit(
@@ -207,7 +212,9 @@ def test_run_epoch_takes_every_full_batch_once():
 
 
 def test_training_learns_and_is_deterministic():
-    cfg = TrainConfig(epochs=15, batch_size=16, learning_rate=0.1)
+    cfg = TrainConfig(
+        epochs=15, batch_size=16, learning_rate=0.1, optimizer="sgd", patience=None
+    )
     a = fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
     b = fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
     _assert_trees_equal(a.params, b.params)
@@ -217,7 +224,9 @@ def test_training_learns_and_is_deterministic():
 
 
 def test_hand_and_auto_runs_agree():
-    cfg = TrainConfig(epochs=5, batch_size=16, learning_rate=0.1)
+    cfg = TrainConfig(
+        epochs=5, batch_size=16, learning_rate=0.1, optimizer="sgd", patience=None
+    )
     hand = fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg)
     auto = fit(
         NET,
@@ -232,7 +241,7 @@ def test_hand_and_auto_runs_agree():
 def test_fit_leaves_the_callers_params_intact():
     params = _params()
     before = jax.tree.map(np.array, params)
-    fit(NET, params, (X_TR, Y_TR), None, TrainConfig(epochs=2))
+    fit(NET, params, (X_TR, Y_TR), None, TrainConfig(epochs=2, patience=None))
     _assert_trees_equal(params, before)  # the epoch donates only its own copies
 
 
@@ -242,7 +251,9 @@ GRAD_KEYS = ["grad_rel_err_layer1", "grad_rel_err_layer2", "grad_rel_err_max"]
 
 
 def test_check_every_records_per_layer_errors_at_its_epochs():
-    cfg = TrainConfig(epochs=4, batch_size=16, learning_rate=0.1)
+    cfg = TrainConfig(
+        epochs=4, batch_size=16, learning_rate=0.1, optimizer="sgd", patience=None
+    )
     result = fit(NET, _params(), (X_TR, Y_TR), (X_VA, Y_VA), cfg, check_every=2)
     assert train.grad_check_columns(NET) == GRAD_KEYS
     for rec in result.history:
@@ -270,7 +281,8 @@ def test_check_every_none_adds_no_keys_and_no_check(monkeypatch):
         raise AssertionError("the gradient check ran with check_every=None")
 
     monkeypatch.setattr(train, "grad_check_errors", fail)
-    result = fit(NET, _params(), (X_TR, Y_TR), None, TrainConfig(epochs=2))
+    cfg = TrainConfig(epochs=2, patience=None)
+    result = fit(NET, _params(), (X_TR, Y_TR), None, cfg)
     assert all(not k.startswith("grad_rel_err_") for r in result.history for k in r)
     assert train.grad_check_summary(result.history) == {
         "grad_check_max_rel_err": None,
@@ -290,7 +302,9 @@ def test_check_every_catches_a_broken_hand_gradient(monkeypatch):
         "weight_grad",
         lambda delta, z, *precision: 1.01 * weight_grad(delta, z, *precision),
     )
-    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=0.1)
+    cfg = TrainConfig(
+        epochs=2, batch_size=16, learning_rate=0.1, optimizer="sgd", patience=None
+    )
     result = fit(net, _params(net), (X_TR, Y_TR), None, cfg, check_every=1)
     for rec in result.history:
         assert all(rec[k] > 1e-3 for k in GRAD_KEYS)
@@ -323,7 +337,9 @@ def test_early_stopping_restores_the_best_parameters():
     # Validation labels that disagree with the training rule: the validation
     # loss gets worse as the network learns the training set.
     y_bad = (Y_VA + 1) % 3
-    cfg = TrainConfig(epochs=100, batch_size=16, learning_rate=0.1, patience=3)
+    cfg = TrainConfig(
+        epochs=100, batch_size=16, learning_rate=0.1, optimizer="sgd", patience=3
+    )
     result = fit(NET, _params(), (X_TR, Y_TR), (X_VA, y_bad), cfg)
     assert result.stopped == "early_stopping"
     assert result.epochs_run == result.best_epoch + 3 < 100
@@ -343,7 +359,9 @@ def test_patience_without_validation_is_an_error():
 def test_non_finite_loss_stops_and_keeps_the_last_good_parameters(tmp_path):
     path = tmp_path / "ckpt.npz"
     big = X_TR * 1e3
-    cfg = TrainConfig(epochs=30, learning_rate=1e3, batch_size=8)
+    cfg = TrainConfig(
+        epochs=30, learning_rate=1e3, batch_size=8, optimizer="sgd", patience=None
+    )
     net = fnnet.MLP((4, 8, 3), activation="relu", output="identity", loss="mse")
     y = np.eye(3)[Y_TR]
     result = fit(net, _params(net), (big, y), None, cfg, checkpoint=path)
@@ -391,7 +409,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, optimizer):
 
 def test_resume_rejects_a_checkpoint_of_other_settings(tmp_path):
     path = tmp_path / "run.npz"
-    cfg = TrainConfig(epochs=1)
+    cfg = TrainConfig(epochs=1, learning_rate=0.1, optimizer="sgd", patience=None)
     fit(NET, _params(), (X_TR, Y_TR), None, cfg, checkpoint=path)
     with pytest.raises(ckpt.CheckpointError, match="learning_rate=0.1 .now 0.2"):
         fit(
@@ -450,7 +468,9 @@ def test_bad_check_every_is_rejected(check_every):
 def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):
     path = tmp_path / "run.npz"
     y_bad = (Y_VA + 1) % 3
-    cfg = TrainConfig(epochs=100, batch_size=16, learning_rate=0.1, patience=3)
+    cfg = TrainConfig(
+        epochs=100, batch_size=16, learning_rate=0.1, optimizer="sgd", patience=3
+    )
     done = fit(NET, _params(), (X_TR, Y_TR), (X_VA, y_bad), cfg, checkpoint=path)
     again = fit(
         NET, _params(), (X_TR, Y_TR), (X_VA, y_bad), cfg, checkpoint=path, resume=True
