@@ -47,7 +47,13 @@ def one_run(sigma, seed, epochs, log_noise_scale=False):
               "cross_entropy")  # fmt: skip
     dp = {} if sigma == "none" else dict(dp_clip=CLIP, dp_noise=sigma, dp_delta=DELTA)
     config = TrainConfig(
-        epochs=epochs, batch_size=BATCH, learning_rate=LR, seed=seed, **dp
+        epochs=epochs,
+        batch_size=BATCH,
+        learning_rate=LR,
+        optimizer="sgd",
+        patience=None,
+        seed=seed,
+        **dp,
     )
     params = net.init(jax.random.key(seed), jnp.float32)
     res = fit(net, params, (ds.x_train, ds.y_train), config=config,

@@ -81,11 +81,11 @@ class TrainConfig:
         (``--patience 0``): no early stopping
       grad: gradient source, ``"hand"`` or ``"auto"`` (``jax.grad``)
       seed: seeds shuffling, dropout and input noise
-      dp_clip: DP-SGD's per-example gradient norm bound C (see
-        :func:`dp_train_step`); None: DP-SGD off; inf: no clipping
+      dp_clip: DP-SGD's per-example gradient norm bound C (``dp_train_step``);
+        None: DP-SGD off; inf: no clipping
       dp_noise: DP-SGD's noise multiplier sigma (noise std sigma C)
       dp_delta: the delta of the reported (epsilon, delta); None: none
-        reported (``fnnet train --dp-clip`` uses ``DEFAULT_DP_DELTA``)
+        reported (``fnnet train --dp-clip`` picks one: see ``--dp-delta``)
     """
 
     epochs: int = 200
