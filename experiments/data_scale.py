@@ -77,7 +77,11 @@ def point(n: int, epochs: int, rounds: int, device_data: bool = False) -> dict:
     net = MLP(sizes=(FEATURES, HIDDEN, CLASSES), output="softmax", loss="cross_entropy")
     params = net.init(jax.random.key(0), jnp.float32)
     config = train.TrainConfig(
-        epochs=epochs, batch_size=BATCH, optimizer="adam", learning_rate=1e-3
+        epochs=epochs,
+        batch_size=BATCH,
+        optimizer="adam",
+        learning_rate=1e-3,
+        patience=None,
     )
     result = train.fit(net, params, (x, y), None, config)
     peak = _peak_mib()
@@ -166,7 +170,11 @@ def stream_cost(n: int, chunk_rows: int, rounds: int) -> str:
 
         def config(epochs):
             return train.TrainConfig(
-                epochs=epochs, batch_size=BATCH, optimizer="adam", learning_rate=1e-3
+                epochs=epochs,
+                batch_size=BATCH,
+                optimizer="adam",
+                learning_rate=1e-3,
+                patience=None,
             )
 
         for src in sources.values():

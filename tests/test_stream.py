@@ -34,7 +34,7 @@ def net_params():
 
 
 CONFIG = train.TrainConfig(
-    epochs=2, batch_size=32, optimizer="adam", learning_rate=0.01
+    epochs=2, batch_size=32, optimizer="adam", learning_rate=0.01, patience=None
 )
 
 
@@ -193,7 +193,8 @@ def kib(field):
 
 net = MLP(sizes=(width, 8, 2), output="softmax", loss="cross_entropy")
 params = net.init(jax.random.key(0), jnp.float32)
-config = train.TrainConfig(epochs=1, batch_size=512, learning_rate=0.1)
+config = train.TrainConfig(epochs=1, batch_size=512, learning_rate=0.1,
+                           optimizer="sgd", patience=None)
 
 def run(path):
     data = stream.open_stream(path, chunk_rows=rows, val_fraction=0.0,
