@@ -40,6 +40,7 @@ import numpy as np
 
 from fnnet import checkpoint as ckpt
 from fnnet import data as fdata
+from fnnet import distributed
 from fnnet import stream as fstream
 from fnnet.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS, Activation
 from fnnet.blocks import Block
@@ -194,6 +195,65 @@ class ListFlag(argparse.Action):
         if self.item == "name":
             return bool(part.strip()) and part == part.strip()
         return part.isdigit() and int(part) >= 1
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
+    return value
+
+
+#: Flags that say how this process joins the others: not run settings (a
+#: resumed run may be launched differently), so config.json leaves them out.
+PROCESS_FLAGS = (
+    "coordinator",
+    "num_processes",
+    "process_id",
+    "distributed",
+    "heartbeat_timeout",
+)
+
+
+def _join_processes(args) -> None:
+    """jax.distributed.initialize when the flags or the environment ask for it.
+
+    A plain run (no flags, no multi-task launcher) starts nothing.
+    """
+    flags = {
+        "--coordinator": args.coordinator,
+        "--num-processes": args.num_processes,
+        "--process-id": args.process_id,
+    }
+    given = [k for k, v in flags.items() if v is not None]
+    if given and len(given) < 3:
+        missing = [k for k in flags if k not in given]
+        raise InputError(
+            f"{', '.join(given)} needs {' and '.join(missing)} too: give "
+            "--coordinator HOST:PORT --num-processes N --process-id I together"
+        )
+    if given:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(
+                f"--coordinator must be HOST:PORT with a port in 1..65535, got "
+                f"{args.coordinator!r}"
+            )
+        if args.process_id >= args.num_processes:
+            raise InputError(
+                f"--process-id must be below --num-processes {args.num_processes}, "
+                f"got {args.process_id}"
+            )
+    elif not (args.distributed or distributed.cluster_launch()):
+        return
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,6 +380,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="data-parallel over this many devices (batch axis sharded; default: "
         "one device)",
+    )
+
+    g = p.add_argument_group(
+        "several processes",
+        "one run over the devices of several processes (hosts, or one per GPU), "
+        "each started with the same flags but its own --process-id; only process "
+        "0 writes files. Without these flags, a launch by SLURM (srun) or Open "
+        "MPI (mpirun) with more than one task is detected",
+    )
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0, where it serves JAX's coordination service",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="how many processes take part",
+    )
+    g.add_argument(
+        "--process-id",
+        type=_non_negative_int,
+        default=None,
+        metavar="I",
+        help="this process's number, 0..N-1",
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the processes of the cluster that JAX detects (SLURM, Open "
+        "MPI, Cloud TPU, Kubernetes) without the three flags above",
+    )
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_int,
+        default=None,
+        metavar="SECONDS",
+        help="a process silent this long counts as dead and the others stop "
+        "with an error (default: JAX's, 100)",
     )
 
     g = p.add_argument_group("regularization")
@@ -629,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         if args.command == "train":
+            _join_processes(args)  # before anything else starts JAX
             return _train(args, given_flags(argv))
         return run(args)
     except InputError as err:
@@ -721,7 +824,8 @@ def _run_gradcheck(args) -> int:
 
 def _flag_settings(args) -> dict:
     """The settings the flags give, as plain JSON values (saved to config.json)."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    left_out = ("command", "resume", *PROCESS_FLAGS)
+    settings = {k: v for k, v in vars(args).items() if k not in left_out}
     if settings["epochs"] is None:
         settings["epochs"] = DEFAULT_EPOCHS
     if settings["dropout"] is not None:
@@ -961,6 +1065,9 @@ def _run_folder(out: Path, flag: str, created: bool):
     kill -9). If the run fails before it starts (no config.json was written)
     in a folder it created, the folder is removed again.
     """
+    if not distributed.is_primary():  # several processes: process 0's folder
+        yield
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -1124,6 +1231,8 @@ def _run_training(s: dict, out: Path, resume: bool, name_of_key) -> int:
                 f"{name_of_key('batch_size')} {config.batch_size} does not split "
                 f"evenly over {n_dev} devices; choose a multiple of {n_dev}"
             )
+    if jax.process_count() > 1:
+        _check_processes(s, config, n_train, name_of_key)
     fingerprint = data_fingerprint(s, ds)
     if "fingerprint" in s:
         _check_fingerprint(s["fingerprint"], fingerprint, s["data"], out)
@@ -1137,9 +1246,10 @@ def _run_training(s: dict, out: Path, resume: bool, name_of_key) -> int:
     params = net.init(jax.random.key(s["seed"]), dtype=jnp.dtype(s["dtype"]))
 
     # The run starts: its settings are written (atomically), replacing any
-    # config.json a failed start left.
+    # config.json a failed start left. Over several processes, by process 0.
     try:
-        _write_text(out / CONFIG_FILE, json.dumps(s, indent=2) + "\n")
+        if distributed.is_primary():
+            _write_text(out / CONFIG_FILE, json.dumps(s, indent=2) + "\n")
     except OSError as err:
         raise InputError(f"cannot write {out / CONFIG_FILE}: {err.strerror}") from err
     try:
@@ -1159,6 +1269,25 @@ def _run_training(s: dict, out: Path, resume: bool, name_of_key) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+
+
+def _check_processes(s: dict, config: TrainConfig, n_train: int, name_of_key):
+    """What a run over several processes cannot do, as InputErrors."""
+    n_dev, n = jax.device_count(), jax.process_count()
+    if s.get("dp_clip") is not None:
+        raise InputError(f"{name_of_key('dp_clip')} runs in one process; {n} joined")
+    if _streamed(s):
+        raise InputError(f"streamed data ({s['data']}) runs in one process; {n} joined")
+    if s.get("devices") not in (None, n_dev):
+        raise InputError(
+            f"{name_of_key('devices')} over {n} processes must be left out or "
+            f"{n_dev} (every device of every process), got {s['devices']}"
+        )
+    if min(config.batch_size, n_train) % n_dev:
+        raise InputError(
+            f"{name_of_key('batch_size')} {config.batch_size} does not split evenly "
+            f"over the {n_dev} devices of {n} processes; choose a multiple of {n_dev}"
+        )
 
 
 def _kept(out: Path) -> str:
@@ -1238,7 +1367,9 @@ def _fit_and_report(s, out, resume, ds, net, data, config, params) -> int:
     :class:`fnnet.stream.StreamData` (the same statistics and classes).
     """
     train_data, val_data, test_data = data
-    bar = _progress(config.epochs, quiet=s["quiet"])
+    # Over several processes only process 0 writes files and shows progress.
+    primary = distributed.is_primary()
+    bar = _progress(config.epochs, quiet=s["quiet"] or not primary)
     if resume and bar is not None:
         bar.update(ckpt.load_meta(out / CHECKPOINT_FILE)["epoch"])
 
@@ -1266,6 +1397,8 @@ def _fit_and_report(s, out, resume, ds, net, data, config, params) -> int:
     )
     if bar is not None:
         bar.close()
+    if not primary:
+        return EXIT_NON_FINITE if result.stopped == "non_finite" else 0
     metric = metric_name(net)
     if isinstance(test_data, tuple):
         test = evaluate(net, result.params, *test_data)
@@ -1280,7 +1413,8 @@ def _fit_and_report(s, out, resume, ds, net, data, config, params) -> int:
         "best_epoch": result.best_epoch,
         "stopped": result.stopped,
         "train_seconds": round(result.train_seconds, 4),
-        "device": f"{jax.devices()[0].platform} x{s.get('devices') or 1}",
+        "device": f"{jax.devices()[0].platform} x{_devices_used(s)}",
+        "processes": jax.process_count(),
         "config": s,
     }
     if result.history:
@@ -1325,6 +1459,13 @@ def _dp_metrics(config: TrainConfig, n: int, result) -> dict:
             "accountant": ACCOUNTANT,
         },
     }
+
+
+def _devices_used(s: dict) -> int:
+    """Devices the run trained on: every device when over several processes."""
+    if jax.process_count() > 1:
+        return jax.device_count()
+    return s.get("devices") or 1
 
 
 def _target(value):

@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fnnet import backward as bw
 from fnnet import checkpoint as ckpt
-from fnnet import core, privacy
+from fnnet import core, distributed, privacy
 from fnnet.core import metric_name
 from fnnet.errors import InputError
 from fnnet.network import MLP
@@ -507,6 +507,59 @@ def run_epoch_jit(net, config, optimizer, state, X, Y, key, *, sharding=None):
     return run_epoch(net, config, optimizer, state, X, Y, key, sharding=sharding)
 
 
+def epoch_permutation(key: Array, n: int, batch_size: int) -> Array:
+    """The rows of each mini-batch in the epoch of ``key``, as run_epoch draws.
+
+    Returns:
+      (batches, B) row indices, ``B = min(batch_size, n)``, batches = n // B.
+    """
+    B = min(batch_size, n)
+    k_perm, _ = jax.random.split(key)
+    return jax.random.permutation(k_perm, n)[: (n // B) * B].reshape(n // B, B)
+
+
+def run_batches(net, config, optimizer, state: TrainState, Xb, Yb, key):
+    """:func:`run_epoch`'s steps on mini-batches that are already cut.
+
+    ``Xb``, ``Yb``: (batches, B, ...), batch b holding the rows
+    ``epoch_permutation(key, N, B)[b]``; ``key`` is the epoch's key, from
+    which the steps draw the same dropout and noise keys as in
+    :func:`run_epoch`, so the two give the same states. A run over several
+    processes feeds each process's rows this way (see
+    :mod:`fnnet.distributed`); the batches' sharding splits their axis 1.
+
+    Returns:
+      ``(state, losses, ok)`` as :func:`run_epoch`.
+    """
+    _, k_steps = jax.random.split(key)
+    nb = Xb.shape[0]
+    keys = jax.random.split(k_steps, nb) if _needs_key(net, config) else None
+
+    def body(st, batch):
+        x, y, k = batch
+        return train_step(net, config, optimizer, st, x, y, k)
+
+    new_state, batch_losses = jax.lax.scan(body, state, (Xb, Yb, keys))
+    ok = jnp.all(jnp.isfinite(batch_losses)) & _all_finite(new_state.params)
+    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    return kept, batch_losses, ok
+
+
+#: :func:`run_batches` as one compiled call; ``state`` is donated.
+run_batches_jit = jax.jit(run_batches, static_argnums=(0, 1, 2), donate_argnums=3)
+
+
+def _fed_epoch(net, config, optimizer, state, host, key, sharding, B):
+    """One epoch of a run over several processes: this process feeds its rows."""
+    X_host, Y_host = host
+    perm = np.asarray(epoch_permutation(key, X_host.shape[0], B))
+    mine = perm[:, distributed.process_rows(sharding, B)]
+    Xb = distributed.global_batches(sharding, X_host[mine], B)
+    Yb = distributed.global_batches(sharding, Y_host[mine], B)
+    key = distributed.replicate(key, sharding.mesh)
+    return run_batches_jit(net, config, optimizer, state, Xb, Yb, key)
+
+
 def batch_sharding(devices: int | Sequence[jax.Device]) -> NamedSharding:
     """Data parallelism: split the batch axis of (batches, B, ...) over devices.
 
@@ -857,7 +910,12 @@ def fit(
       on_epoch: called with each epoch's history record.
       devices: data-parallel training over this many devices (or these
         devices): each mini-batch is split along the batch axis, which must
-        divide evenly; parameters are replicated. None: one device.
+        divide evenly; parameters are replicated. None: one device. Under
+        several processes (:func:`fnnet.distributed.initialize`), None or
+        ``jax.device_count()``: every device of every process; each process
+        feeds only its rows of each batch, evaluates on its first device,
+        only process 0 writes the checkpoint, and the result holds ordinary
+        arrays of this process.
       check_every: verify the hand gradient during training: after every
         epoch e with ``e % check_every == 0``, compare it with ``jax.grad`` on
         a fixed batch, the first ``min(GRAD_CHECK_ROWS, N)`` training rows, at
@@ -936,7 +994,20 @@ def fit(
         check_finite_data("val", *val)
     if optimizer is None:
         optimizer = make_optimizer(config)
-    sharding = None
+    sharding = host = None
+    processes = jax.process_count()
+    if processes > 1:  # every device of every process (fnnet.distributed)
+        if streamed:
+            raise ValueError(
+                f"train as a chunk source runs in one process; this run has "
+                f"{processes} processes (give train as (x, y) arrays)"
+            )
+        if config.dp_clip is not None:
+            raise ValueError(
+                f"DP-SGD (config.dp_clip) runs in one process on one device; this "
+                f"run has {processes} processes"
+            )
+        devices = distributed.mesh_devices(devices)
     if devices is not None:
         sharding = batch_sharding(devices)
         n_dev, B = sharding.mesh.size, min(config.batch_size, X.shape[0])
@@ -946,7 +1017,13 @@ def fit(
                 f"choose a multiple of {n_dev}"
             )
         replicated = NamedSharding(sharding.mesh, PartitionSpec())
-        X, Y = jax.device_put((X, Y), replicated)
+        if processes > 1:
+            # Each process keeps the data on its host and feeds its devices
+            # only their rows of each batch; evaluation stays on its first
+            # device, with a local copy of the (replicated) parameters.
+            host = (np.asarray(X), np.asarray(Y))
+        else:
+            X, Y = jax.device_put((X, Y), replicated)
     base_key = jax.random.key(config.seed)
     # The epoch donates its input state, so the run owns copies of its arrays.
     state = _copy(init_state(params, optimizer))
@@ -954,8 +1031,11 @@ def fit(
     if resume:
         if checkpoint is None:
             raise InputError("resume=True needs a checkpoint path")
+        distributed.sync("fnnet.fit: checkpoint written")  # process 0 wrote it
         state, loop, base_key = _load(checkpoint, state, loop, base_key, config, net)
-    if sharding is not None:
+    if host is not None:
+        state = distributed.replicate(state, sharding.mesh)
+    elif sharding is not None:
         state = jax.device_put(state, replicated)
     if check_every is not None:
         check_batch = (X[:GRAD_CHECK_ROWS], Y[:GRAD_CHECK_ROWS])
@@ -975,9 +1055,13 @@ def fit(
             state, batch_losses, ok = _stream_epoch(
                 net, step_config, optimizer, state, train, key, config.seed, epoch
             )
-        else:
+        elif host is None:
             state, batch_losses, ok = run_epoch_jit(
                 net, step_config, optimizer, state, X, Y, key, sharding=sharding
+            )
+        else:
+            state, batch_losses, ok = _fed_epoch(
+                net, step_config, optimizer, state, host, key, sharding, B
             )
         if not bool(ok):
             stopped = "non_finite"
@@ -987,39 +1071,45 @@ def fit(
             )
             break
         record = {"epoch": epoch, "batch_loss": float(jnp.mean(batch_losses))}
+        params_here = state.params
+        if host is not None:
+            params_here = distributed.local_copy(state.params)
         if streamed:
-            train_eval = evaluate_chunks(net, state.params, train)
+            train_eval = evaluate_chunks(net, params_here, train)
         else:
-            train_eval = _evaluate_prepared(net, state.params, X, Y)
+            train_eval = _evaluate_prepared(net, params_here, X, Y)
         record["train_loss"], record[f"train_{metric}"] = train_eval.values()
         improved = True
         if val is not None:
             if is_chunk_source(val):
-                val_eval = evaluate_chunks(net, state.params, val)
+                val_eval = evaluate_chunks(net, params_here, val)
             else:
-                val_eval = _evaluate_prepared(net, state.params, *val)
+                val_eval = _evaluate_prepared(net, params_here, *val)
             record["val_loss"], record[f"val_{metric}"] = val_eval.values()
             improved = val_eval["loss"] < loop.best_val
             if improved:
                 loop.best_val = val_eval["loss"]
         if improved:
             loop.best_epoch, loop.bad_epochs = epoch, 0
-            loop.best_params = _copy(state.params)
+            loop.best_params = _copy(params_here)
         else:
             loop.bad_epochs += 1
         if check_every is not None and epoch % check_every == 0:
-            record.update(grad_check_record(net, state.params, *check_batch))
+            record.update(grad_check_record(net, params_here, *check_batch))
         if not streamed:  # DP-SGD needs the data in memory (checked above)
             record.update(dp_accounting_record(config, X.shape[0], epoch))
         if log_noise_scale:
-            record.update(noise_scale(net, state.params, X, Y, config.batch_size))
+            record.update(noise_scale(net, params_here, X, Y, config.batch_size))
         loop.epoch = epoch
         loop.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if checkpoint is not None:
-            _save(checkpoint, state, loop, base_key, config, net, checkpoint_info)
+        if checkpoint is not None and distributed.is_primary():  # written once
+            saved = state if host is None else distributed.local_copy(state)
+            _save(checkpoint, saved, loop, base_key, config, net, checkpoint_info)
     seconds = time.perf_counter() - start
+    if host is not None:  # ordinary arrays for the caller, as in one process
+        state = distributed.local_copy(state)
     return FitResult(
         params=loop.best_params if config.patience is not None else state.params,
         state=state,
