@@ -220,7 +220,9 @@ def replicate(tree, mesh) -> object:
 
     The leaves must hold the same values in every process (the same
     initialisation, or the same checkpoint); each process places its own
-    copy on its devices, nothing is sent between processes.
+    copy on its devices, nothing is sent between processes. (In jax 0.10.2
+    ``jax.device_put`` onto such a sharding refuses arrays already committed
+    to a device, and PRNG keys; this goes through the host.)
     """
     replicated = NamedSharding(mesh, PartitionSpec())
 
