@@ -93,9 +93,14 @@ WORKER = PROBLEM + textwrap.dedent(
     resumed = fit(net, p, train, val, cfg, checkpoint=out / "part.npz",
                   resume=True)
     phases.append(("fits", time.process_time()))
+    try:  # DP-SGD's Poisson batches are not fed per process: refused
+        fit(net, p, train, None, dataclasses.replace(cfg, dp_clip=1.0))
+        dp_error = None
+    except ValueError as err:
+        dp_error = str(err)
     report = {"rc": rc, "processes": jax.process_count(),
               "devices": jax.device_count(), "writes": writes, "phases": phases,
-              "resumed_history": resumed.history}
+              "resumed_history": resumed.history, "dp_error": dp_error}
     np.savez(out / f"resumed{pid}.npz",
              *[np.asarray(t) for t in jax.tree.leaves(resumed.params)])
     (out / f"report{pid}.json").write_text(json.dumps(report))
@@ -252,6 +257,7 @@ def test_two_processes_equal_four_devices_and_one_device(launched):
         for r, w in zip(resumed, two, strict=True):
             np.testing.assert_allclose(r, w, rtol=0, atol=1e-12)
     assert [r["epoch"] for r in report["resumed_history"]] == [1, 2, 3, 4]
+    assert "DP-SGD (config.dp_clip) runs in one process" in report["dp_error"]
 
 
 def test_only_process_zero_writes_and_shows_progress(launched):
