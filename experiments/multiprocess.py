@@ -65,7 +65,7 @@ WORKER = textwrap.dedent(
                     "cross_entropy")
     p = net.init(jax.random.key(0), jnp.float64)
     cfg = train.TrainConfig(epochs=epochs, batch_size=BATCH, optimizer="sgd",
-                            learning_rate=0.1)
+                            learning_rate=0.1, patience=None)
     stamps = []
     devices = None if devices == "none" else int(devices)
     start = time.perf_counter()

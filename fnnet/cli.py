@@ -195,6 +195,8 @@ class ListFlag(argparse.Action):
         if self.item == "name":
             return bool(part.strip()) and part == part.strip()
         return part.isdigit() and int(part) >= 1
+
+
 def _non_negative_int(text: str) -> int:
     """argparse type: an int >= 0."""
     try:

@@ -58,7 +58,7 @@ PROBLEM = textwrap.dedent(
                         keep_prob=0.9)
         p = net.init(jax.random.key(0), jnp.float64)
         cfg = TrainConfig(epochs=4, batch_size=16, optimizer="adam",
-                          learning_rate=0.05, noise_std=0.05)
+                          learning_rate=0.05, noise_std=0.05, patience=None)
         return net, p, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), cfg
     """
 )
