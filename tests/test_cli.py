@@ -172,6 +172,82 @@ def test_resume_continues_bit_identically(tmp_path):
     assert (part / "history.csv").read_text() == history
 
 
+def test_grad_auto_trains_with_jax_grad(tmp_path):
+    # BAD_SWISH has swish's h with a wrong h': the hand gradient is wrong and
+    # jax.grad (which differentiates h) is right. So --grad auto must train
+    # BAD_SWISH exactly as it trains SWISH, and --grad hand must not.
+    common = ["--data", "iris", "--hidden", "6", "--epochs", "3", "--quiet"]
+    common += ["--dtype", "float64", "--optimizer", "sgd", "--lr", "0.5"]
+    runs = {
+        (act, grad): _run(
+            tmp_path,
+            *common,
+            "--activation",
+            f"extensions:{act}",
+            "--grad",
+            grad,
+            name=f"{act}-{grad}",
+        )
+        for act, grad in [
+            ("BAD_SWISH", "auto"),
+            ("SWISH", "auto"),
+            ("BAD_SWISH", "hand"),
+        ]
+    }
+    assert all(code == 0 for code, _ in runs.values())
+
+    def params(key):
+        leaves = _ckpt_leaves(runs[key][1] / "checkpoint.npz")
+        return [leaves[k] for k in sorted(leaves) if "best_params" in k]
+
+    auto_bad, auto_good = params(("BAD_SWISH", "auto")), params(("SWISH", "auto"))
+    hand_bad = params(("BAD_SWISH", "hand"))
+    assert len(auto_bad) == 4
+    for u, v in zip(auto_bad, auto_good, strict=True):
+        np.testing.assert_array_equal(u, v)
+    assert any(not np.allclose(u, v) for u, v in zip(auto_bad, hand_bad, strict=True))
+
+
+def test_training_flags_reach_fit(tmp_path, monkeypatch):
+    from fnnet import cli
+    from fnnet.train import TrainConfig
+
+    seen = {}
+    real_fit = cli.fit
+
+    def spy(net, params, train, val, config, **kwargs):
+        seen.update(net=net, config=config, kwargs=kwargs)
+        return real_fit(net, params, train, val, config, **kwargs)
+
+    monkeypatch.setattr(cli, "fit", spy)
+    flags = ["--data", "iris", "--hidden", "5", "--epochs", "1", "--quiet"]
+    flags += ["--batch-size", "7", "--lr", "0.03", "--optimizer", "nesterov"]
+    flags += ["--momentum", "0.5", "--l2", "0.01", "--weight-decay", "0.02"]
+    flags += ["--decay-biases", "--noise-std", "0.1", "--patience", "4"]
+    flags += ["--seed", "9", "--grad", "auto", "--keep-prob", "0.8"]
+    flags += ["--check-every", "1", "--activation", "tanh", "--dtype", "float64"]
+    code, _ = _run(tmp_path, *flags)
+    assert code == 0
+    assert seen["config"] == TrainConfig(
+        epochs=1,
+        batch_size=7,
+        learning_rate=0.03,
+        optimizer="nesterov",
+        momentum=0.5,
+        l2=0.01,
+        weight_decay=0.02,
+        decay_biases=True,
+        noise_std=0.1,
+        patience=4,
+        grad="auto",
+        seed=9,
+    )
+    net = seen["net"]
+    assert net.sizes[1:-1] == (5,) and net.keep_prob == 0.8
+    assert net.describe()["activation"] in ("tanh", ["tanh"])
+    assert seen["kwargs"]["check_every"] == 1
+
+
 def test_resume_of_a_folder_without_a_run_exits_2(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -44,8 +44,17 @@ def _assert_trees_close(a, b, rtol):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=0)
 
 
+def _with_biases(params, seed=7):
+    """params with nonzero biases: a decay of zero biases would change nothing."""
+    rng = np.random.default_rng(seed)
+    return tuple(
+        {**layer, "b": jnp.asarray(rng.standard_normal(layer["b"].shape), jnp.float64)}
+        for layer in params
+    )
+
+
 def _step_inputs(net=NET, n=8):
-    params = _params(net)
+    params = _with_biases(_params(net))
     x = jnp.asarray(X_TR[:n])
     y = jnp.asarray(Y_TR[:n])
     return params, x, y
@@ -63,7 +72,7 @@ def test_plain_sgd_step_is_seed_001_update():
     state, J = step(NET, cfg, None, TrainState(params, ()), x, y)
     expected = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
     # Equal up to the last bit that XLA's fused kernels may round differently.
-    _assert_trees_close(state.params, expected, 1e-15)
+    _assert_trees_close(state.params, expected, 1e-14)
     np.testing.assert_allclose(J, NET.cost(params, x, y), rtol=1e-15)
 
 
@@ -150,6 +159,39 @@ def test_l2_and_weight_decay_give_the_same_sgd_update():
     assert not np.allclose(with_l2.params[0]["W"], params[0]["W"] - 0)
 
 
+@pytest.mark.parametrize("decay_biases", [False, True])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_touches_biases_only_on_request(decay_biases, optimizer):
+    # theta <- theta + u - beta theta (eq. 18), written out in NumPy from the
+    # optimizer's update u, starting from nonzero biases.
+    lr, beta = 0.2, 0.05
+    cfg = TrainConfig(
+        learning_rate=lr,
+        optimizer=optimizer,
+        weight_decay=beta,
+        decay_biases=decay_biases,
+    )
+    tx = train.make_optimizer(cfg)
+    params, x, y = _step_inputs()
+    new, _ = train.train_step(NET, cfg, tx, train.init_state(params, tx), x, y)
+    _, grads = NET.backprop(params, x, y)
+    if tx is None:
+        updates = jax.tree.map(lambda g: -lr * g, grads)
+    else:
+        with jax.numpy_dtype_promotion("standard"):
+            updates, _ = tx.update(grads, tx.init(params), params)
+    for layer, u, out in zip(params, updates, new.params, strict=True):
+        W, b = np.asarray(layer["W"]), np.asarray(layer["b"])
+        assert np.all(b != 0)
+        np.testing.assert_allclose(
+            out["W"], W + np.asarray(u["W"]) - beta * W, rtol=1e-12, atol=1e-15
+        )
+        b_decay = beta * b if decay_biases else 0.0
+        np.testing.assert_allclose(
+            out["b"], b + np.asarray(u["b"]) - b_decay, rtol=1e-12, atol=1e-15
+        )
+
+
 def test_dropout_hand_equals_auto_with_the_same_key():
     net = dataclasses.replace(NET, keep_prob=0.7)
     cfg = TrainConfig()
@@ -200,6 +242,36 @@ def test_an_epoch_is_one_compiled_call_that_does_not_retrace():
         dataclasses.replace(cfg, epochs=6),
     )
     assert train.run_epoch_jit._cache_size() == size
+
+
+def test_every_epoch_is_shuffled_with_its_own_key():
+    # One bias, zero inputs, batches of one, lr 1: each step sets
+    # b <- b - (b - y_i) = y_i, so after an epoch b is the label of the
+    # epoch's LAST example. With labels 0..n-1 the bias names it.
+    n = 40
+    net = fnnet.MLP((1, 1), output="identity", loss="mse")
+    x = np.zeros((n, 1))
+    y = np.arange(n, dtype=np.float64)[:, None]
+    cfg = TrainConfig(batch_size=1, learning_rate=1.0, seed=3)
+    params = _params(net)
+    last = []
+    for epochs in range(1, 9):
+        result = fit(net, params, (x, y), None, dataclasses.replace(cfg, epochs=epochs))
+        b = float(result.params[0]["b"][0])
+        assert b == round(b) and 0 <= b < n
+        last.append(int(b))
+    # 8 shuffles of 40 rows, each with its own key: the last rows vary (all
+    # eight the same has probability 40^-7). One shuffle reused every epoch,
+    # or none at all, ends every epoch on the same row.
+    assert len(set(last)) >= 4, last
+    assert last != [n - 1] * 8
+    # The shuffle is a function of the seed: another seed, other orders.
+    other = fit(net, params, (x, y), None, dataclasses.replace(cfg, epochs=8, seed=4))
+    rerun = fit(net, params, (x, y), None, dataclasses.replace(cfg, epochs=8))
+    assert float(rerun.params[0]["b"][0]) == last[-1]
+    assert [float(r["batch_loss"]) for r in other.history] != [
+        float(r["batch_loss"]) for r in rerun.history
+    ]
 
 
 def test_run_epoch_takes_every_full_batch_once():
@@ -357,26 +429,36 @@ def test_patience_without_validation_is_an_error():
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_parameters(tmp_path):
+    # Linear regression by SGD with a learning rate past the stable range: the
+    # weights grow geometrically, the first epochs finish with finite values
+    # and a later one overflows float32.
     path = tmp_path / "ckpt.npz"
-    big = X_TR * 1e3
+    net = fnnet.MLP((4, 3), output="identity", loss="mse")
+    params = _params(net, jnp.float32)
+    data = (X_TR.astype(np.float32), np.eye(3, dtype=np.float32)[Y_TR])
     cfg = TrainConfig(
-        epochs=30, learning_rate=1e3, batch_size=8, optimizer="sgd", patience=None
+        epochs=30, learning_rate=2.0, batch_size=8, optimizer="sgd", patience=None
     )
-    net = fnnet.MLP((4, 8, 3), activation="relu", output="identity", loss="mse")
-    y = np.eye(3)[Y_TR]
-    result = fit(net, _params(net), (big, y), None, cfg, checkpoint=path)
+    result = fit(net, params, data, None, cfg, checkpoint=path)
     assert result.stopped == "non_finite"
-    bad = result.epochs_run + 1
-    assert f"non-finite loss in epoch {bad}" in result.message
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result.params))
-    if result.epochs_run:
-        tree, meta = ckpt.load(path, _checkpoint_template(net, cfg))
-        assert meta["epoch"] == result.epochs_run
-        _assert_trees_equal(tree["state"].params, result.state.params)
+    good = result.epochs_run
+    assert 1 <= good < 29  # some good epochs to keep, then the failure
+    assert f"non-finite loss in epoch {good + 1}" in result.message
+    assert len(result.history) == good
+    # The reference: the same run asked for exactly the good epochs.
+    clean = fit(net, params, data, None, dataclasses.replace(cfg, epochs=good))
+    assert clean.stopped == "completed"
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(clean.params))
+    _assert_trees_equal(result.params, clean.params)
+    _assert_trees_equal(result.state.params, clean.params)
+    # The checkpoint on disk holds that good epoch too, never the overflow.
+    tree, meta = ckpt.load(path, _checkpoint_template(net, cfg, jnp.float32))
+    assert meta["epoch"] == good
+    _assert_trees_equal(tree["state"].params, clean.params)
 
 
-def _checkpoint_template(net, cfg):
-    params = _params(net)
+def _checkpoint_template(net, cfg, dtype=jnp.float64):
+    params = _params(net, dtype)
     state = train.init_state(params, train.make_optimizer(cfg))
     return {"state": state, "best_params": params, "key": jax.random.key(0)}
 
