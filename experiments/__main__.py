@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 STUDIES = ("gradient", "speed", "regularization", "results", "dp")
+#: Run only when named with --only (slow, and not a study of fnnet's numbers).
+EXTRA_STUDIES = ("mutation",)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         default=",".join(STUDIES),
-        help=f"comma list of studies to run, from {','.join(STUDIES)}",
+        help=f"comma list of studies to run, from {','.join(STUDIES)} (and "
+        f"{','.join(EXTRA_STUDIES)}: the mutation check, only when named)",
     )
     p.add_argument(
         "--out",
@@ -54,11 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         help="rewrite the results-table block of README.md (results study)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # --tiny: --quick with each study's TINY overrides, the test suite's smoke
+    # run (same files and code paths, numbers too small to mean anything).
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.quick = args.quick or args.tiny
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(only) - set(STUDIES))
+    unknown = sorted(set(only) - set(STUDIES) - set(EXTRA_STUDIES))
     if unknown:
-        p.error(f"unknown study {unknown}; choose from {', '.join(STUDIES)}")
+        p.error(
+            f"unknown study {unknown}; choose from {', '.join(STUDIES + EXTRA_STUDIES)}"
+        )
     if args.out is not None:
         out = Path(args.out)
     elif args.quick:
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import (
         dp_study,
         gradient_study,
+        mutation,
         regularization_study,
         results_table,
         speed_study,
@@ -88,10 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         "regularization": regularization_study,
         "results": results_table,
         "dp": dp_study,
+        "mutation": mutation,
     }
+    if args.tiny:
+        for module in modules.values():
+            if hasattr(module, "TINY"):
+                module.QUICK = {**module.QUICK, **module.TINY}
     progress = progress_factory(not args.no_progress)
     headlines, start = [], time.perf_counter()
-    for name in progress([s for s in STUDIES if s in only], "studies"):
+    for name in progress([s for s in STUDIES + EXTRA_STUDIES if s in only], "studies"):
         t0 = time.perf_counter()
         kwargs = {"update_readme": args.update_readme} if name == "results" else {}
         lines = modules[name].run(out, args.quick, progress, **kwargs)

@@ -143,6 +143,17 @@ BASELINE_WORKLOADS = ("small", "medium")
 # interval of the median ratio is printed with it).
 BASELINE_ROUNDS = {"small": 401, "medium": 101}
 QUICK_BASELINE_ROUNDS = 5
+# --tiny (hidden): the test suite's smoke run. --quick with the smallest
+# workloads and rounds, the same sections and code paths; its timings mean
+# nothing.
+TINY = dict(
+    QUICK_WORKLOADS={
+        "small": Workload((16, 16, 4), 8, 4, 2),
+        "medium": Workload((32, 16, 16, 4), 8, 2, 2),
+    },
+    QUICK_PEAK_SIZE=64,
+    QUICK_BASELINE_ROUNDS=1,
+)
 BASELINE_MAX = 1.02  # library hand epoch / pre-change hand epoch
 
 HAND, AUTO = "fnnet hand", "fnnet jax.grad"
@@ -1826,6 +1837,7 @@ def main(argv: list[str] | None = None) -> int:
         "against PyTorch at TF32 and fp32, with the device's matrix-product rate "
         "(default: on when JAX's backend is a GPU); writes benchmark_gpu.md",
     )
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_scale:
         try:
@@ -1834,6 +1846,9 @@ def main(argv: list[str] | None = None) -> int:
             import data_scale
         extra = ["--rows", args.data_scale_rows] if args.data_scale_rows else []
         return data_scale.main([*extra, "--out", str(args.out)])
+    if args.tiny:
+        args.quick = True
+        globals().update(TINY)
     gpu = args.gpu_workloads
     if gpu or (gpu is None and jax.default_backend() == "gpu"):
         return accelerator_main(args, args.out)

@@ -70,6 +70,8 @@ QUICK = dict(
     sat_acts=("tanh",),
     kink_offsets=(0.0, 1e-3),
 )
+# --tiny (the tests' smoke run): the quick grid, fewer points.
+TINY = dict(depths=(1,), widths=(3,), eps_grid=(1e-5,), scales=(30.0,))
 
 COLUMNS = (
     "net activation depth width output loss dtype layer hand_vs_auto hand_vs_fd "

@@ -39,6 +39,7 @@ PATIENCE = 10
 SEEDS = (0, 1, 2, 3, 4)
 VARIANTS = ("none", "l2", "dropout", "early_stopping")
 QUICK = dict(datasets={"digits": 200}, hidden=(64,), epochs=5, seeds=(0, 1))
+TINY = dict(datasets={"digits": 120}, hidden=(8,), epochs=3)  # the tests' smoke run
 
 
 def one_run(name, n_train, variant, seed, hidden, epochs):

@@ -38,6 +38,7 @@ TARGETS = {
 SEEDS = (0, 1, 2, 3, 4)
 GRADS = ("hand", "auto")
 QUICK = dict(datasets=("iris",), seeds=(0, 1), extra=["--epochs", "5"])
+TINY = dict(extra=["--epochs", "2", "--hidden", "8"])  # the tests' smoke run
 
 
 def train(name, seed, grad, extra):

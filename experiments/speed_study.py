@@ -23,6 +23,7 @@ SIZES = ((64, 64, 10), (256, 256, 10), (784, 512, 512, 10), (784, 1024, 1024, 10
 BATCHES = (32, 128, 512)
 REPEATS = 10  # the largest per-example case takes ~2 s a call on 2 CPU cores
 QUICK = dict(sizes=((64, 64, 10),), batches=(32, 128), repeats=3)
+TINY = dict(sizes=((16, 16, 4),), batches=(8,), repeats=1)  # the tests' smoke run
 KINDS = ("hand", "auto", "per_example_hand", "per_example_auto")
 
 

@@ -8,6 +8,7 @@ upcast slips through the library.
 
 import jax
 import pytest
+from budget import DEEP_FACTOR, PROFILE, examples
 from hypothesis import settings
 
 jax.config.update("jax_enable_x64", True)
@@ -17,9 +18,20 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # Deterministic and bounded property tests (after jax's hypothesis_test_util):
 # no example database, derandomized, no deadline (compile times vary).
 settings.register_profile(
-    "fnnet", max_examples=20, derandomize=True, database=None, deadline=None
+    "fnnet", max_examples=examples(20), derandomize=True, database=None, deadline=None
 )
-settings.load_profile("fnnet")
+# FNNET_HYPOTHESIS=deep, for releases: DEEP_FACTOR times the examples, a new
+# random seed every run (see tests/budget.py; tests that set their own
+# max_examples scale it with budget.examples).
+settings.register_profile(
+    "deep",
+    max_examples=20 * DEEP_FACTOR,
+    derandomize=False,
+    database=None,
+    deadline=None,
+    print_blob=True,
+)
+settings.load_profile(PROFILE)
 
 
 @pytest.fixture

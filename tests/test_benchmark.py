@@ -39,7 +39,7 @@ def test_quick_run_writes_csv_and_markdown(tmp_path):
     # A subprocess: the script runs with JAX's defaults, not this session's
     # float64 and strict-promotion settings.
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--no-peers", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--tiny", "--no-peers", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -540,23 +540,46 @@ def _record_unpickling():
     return "trap sprung"
 
 
+PICKLED = []
+
+
 class Trap:
-    """Unpickling a Trap calls _record_unpickling."""
+    """Unpickling a Trap calls _record_unpickling; pickling one is recorded."""
 
     def __reduce__(self):
+        PICKLED.append(True)
         return (_record_unpickling, ())
 
 
-def test_object_array_is_rejected_and_never_unpickled(ckpt):
+def _entries(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return list(npz.files)
+
+
+@pytest.mark.parametrize("which", ["leaf", "header", "meta"])
+def test_object_array_is_rejected_and_never_unpickled(ckpt, which):
     path, _ = ckpt
+    names = _entries(path)
+    # The leaves are named by key path ("['params32'][0]['W']"); the two other
+    # entries are the JSON header and the user's metadata, header first read.
+    extra = sorted(n for n in names if not n.startswith("["))
+    assert len(extra) == 2, names
+    entry = {
+        "leaf": "['params32'][0]['W']",
+        "header": next(n for n in extra if "head" in n),
+        "meta": next(n for n in extra if "head" not in n),
+    }[which]
     UNPICKLED.clear()
-    rewrite(path, **{"['params32'][0]['W']": np.array([Trap()], dtype=object)})
+    rewrite(path, **{entry: np.array([Trap()], dtype=object)})
     with pytest.raises(CheckpointError, match="cannot read entry .*Object arrays"):
-        checkpoint.load(path, make_state(0))
+        if which == "meta":
+            checkpoint.load_meta(path)
+        else:
+            checkpoint.load(path, make_state(0))
     assert UNPICKLED == []
     # The trap is live: a pickle-allowing reader would have run it.
     with np.load(path, allow_pickle=True) as npz:
-        npz["['params32'][0]['W']"]
+        npz[entry]
     assert UNPICKLED == [True]
 
 
@@ -570,8 +593,16 @@ def test_module_never_imports_pickle():
             imported.add((node.module or "").split(".")[0])
             imported |= {a.name for a in node.names}
     assert not {"pickle", "cPickle", "dill", "cloudpickle"} & imported
-    assert "allow_pickle=True" not in source
-    assert source.count("allow_pickle=False") >= 2  # in np.load and np.savez
+
+
+@pytest.mark.parametrize("leaf", [np.array([Trap()], dtype=object), Trap()])
+def test_save_never_pickles_and_writes_nothing(tmp_path, leaf):
+    path = tmp_path / "ckpt.npz"
+    PICKLED.clear()
+    with pytest.raises((TypeError, ValueError)):
+        checkpoint.save(path, {"W": np.zeros(2), "bad": leaf})
+    assert PICKLED == []
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- property -------------------------------------------------------------------

@@ -22,7 +22,7 @@ def read_csv(path):
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "experiments", "--tiny", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from budget import examples
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -163,7 +164,7 @@ input_values = st.lists(
 )
 
 
-@settings(max_examples=50, deadline=None, derandomize=True, database=None)
+@settings(max_examples=examples(50))
 @given(recipe=recipes, values=input_values)
 def test_random_graphs_match_jax(recipe, values):
     inputs = [graph.variable(v, name=f"x{k}") for k, v in enumerate(values)]
