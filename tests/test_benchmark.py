@@ -42,7 +42,7 @@ def test_quick_run_writes_csv_and_markdown(tmp_path):
         [sys.executable, str(SCRIPT), "--tiny", "--no-peers", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -252,6 +252,24 @@ def test_relative_error():
         fnnet.relative_error(1e-30 * u, 1e-30 * v), expected, rel_tol=1e-12
     )  # scale-free
     assert fnnet.relative_error(np.ones((2, 2), np.float32), np.ones(4)) == 0.0
+    # Known values: a vector against twice itself, orthogonal unit vectors,
+    # a relative error of 1e-12, and one entry off among many.
+    assert fnnet.relative_error([1.0, 2.0], [2.0, 4.0]) == 0.5
+    assert math.isclose(fnnet.relative_error([1.0, 0.0], [0.0, 1.0]), math.sqrt(2))
+    w = np.full(10, 3.0)
+    assert math.isclose(
+        fnnet.relative_error(w, w * (1 + 1e-12)), 1e-12 / (1 + 1e-12), rel_tol=1e-3
+    )
+    w2 = w.copy()
+    w2[4] += 1.0
+    expected = 1.0 / np.sqrt(9 * 9 + 4**2)  # ||e_4|| / ||w2||
+    assert math.isclose(fnnet.relative_error(w, w2), expected, rel_tol=1e-14)
+    # float32 inputs are compared in float64: 1 + 2^-20 is exact in both.
+    a32 = np.array([1.0 + 2.0**-20], np.float32)
+    assert fnnet.relative_error(a32, np.ones(1, np.float32)) == pytest.approx(
+        2.0**-20 / (1 + 2.0**-20), rel=1e-12
+    )
+    assert isinstance(fnnet.relative_error([1.0], [1.0]), float)
 
 
 def test_gradcheck_runs_input_checks():
