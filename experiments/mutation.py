@@ -347,7 +347,7 @@ CATALOGUE: tuple[Mutant, ...] = (
         "checkpoint",
         "fnnet/checkpoint.py",
         '        with os.fdopen(fd, "wb") as f:\n'
-        "            np.savez(f, allow_pickle=False, **arrays)\n"
+        "            write(f)\n"
         "            f.flush()\n"
         "            os.fsync(f.fileno())\n"
         "        os.chmod(tmp, mode)  # mkstemp made it 0600\n"
@@ -355,7 +355,7 @@ CATALOGUE: tuple[Mutant, ...] = (
         "        os.close(fd)\n"
         "        tmp.unlink()\n"
         '        with open(path, "wb") as f:\n'
-        "            np.savez(f, allow_pickle=False, **arrays)\n"
+        "            write(f)\n"
         "            f.flush()\n"
         "            os.fsync(f.fileno())\n"
         "        os.chmod(path, mode)\n",
