@@ -228,6 +228,24 @@ def test_input_noise_changes_the_batch_and_both_sources_agree():
     assert J != NET.cost(params, x, y)
 
 
+@pytest.mark.parametrize("grad", ["hand", "auto"])
+def test_input_noise_has_the_configured_scale(grad):
+    # W = 0, b = 0, x = 0, one example, target 1, identity + mse: the weight
+    # gradient is delta (x + n)^T = -n, so it reads the noise back.
+    d, s = 2000, 0.3
+    net = fnnet.MLP((d, 1), output="identity", loss="mse")
+    params = ({"W": jnp.zeros((1, d)), "b": jnp.zeros(1)},)
+    x, y = jnp.zeros((1, d)), jnp.ones((1, 1))
+    cfg = TrainConfig(noise_std=s, grad=grad)
+    _, grads = train.loss_and_grads(net, cfg, params, x, y, jax.random.key(3))
+    noise = -np.asarray(grads[0]["W"][0])
+    assert abs(np.mean(noise)) < 0.05 and abs(np.std(noise) - s) < 0.1 * s
+    _, none = train.loss_and_grads(
+        net, dataclasses.replace(cfg, noise_std=0.0), params, x, y, jax.random.key(3)
+    )
+    assert not np.any(np.asarray(none[0]["W"]))
+
+
 # --------------------------------------------------------------------- epochs
 
 
