@@ -602,7 +602,9 @@ def git_revision() -> str:
         return "unknown (no git)"
 
 
-def write_results(out: Path, outcomes: list[Outcome], seconds: float) -> str:
+def write_results(
+    out: Path, outcomes: list[Outcome], seconds: float, revision: str
+) -> str:
     rows = [
         dict(
             mutant=o.mutant.name,
@@ -630,7 +632,7 @@ def write_results(out: Path, outcomes: list[Outcome], seconds: float) -> str:
         "mutant is one exact replacement in a copy of the source, run against the "
         "tests listed for it (`pytest -x`); killed = those tests fail.",
         "",
-        f"**{headline}**, measured at revision {git_revision()}, in {seconds:.0f} s.",
+        f"**{headline}**, measured at revision {revision}, in {seconds:.0f} s.",
         "",
         "| area | caught |",
         "|---|---|",
@@ -654,6 +656,6 @@ def write_results(out: Path, outcomes: list[Outcome], seconds: float) -> str:
 
 def run(out: Path, quick: bool, progress) -> list[str]:
     """The study entry point of ``python -m experiments --only mutation``."""
-    start = time.perf_counter()
+    start, revision = time.perf_counter(), git_revision()  # what gets copied
     outcomes = mutate(CATALOGUE, JOBS, progress)
-    return [write_results(out, outcomes, time.perf_counter() - start)]
+    return [write_results(out, outcomes, time.perf_counter() - start, revision)]

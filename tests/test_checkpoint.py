@@ -467,6 +467,12 @@ def test_different_layer_count(tmp_path):
     msg = str(info.value)
     assert str(path) in msg
     assert "template leaves missing from the file: [\"[2]['W']\", \"[2]['b']\"]" in msg
+    # The other way round: a file with more layers than the template.
+    path = tmp_path / "q.npz"
+    checkpoint.save(path, make_params(0, (3, 5, 4, 2)))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path, make_params(0, (3, 5, 2)))
+    assert "file leaves not in the template: " in str(info.value)
 
 
 @pytest.mark.parametrize(
