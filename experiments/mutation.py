@@ -205,16 +205,17 @@ CATALOGUE: tuple[Mutant, ...] = (
         "weight_grad_batch_divided",
         "gradients",
         BW,
-        "return jax.lax.optimization_barrier(delta.T) @ z_prev",
-        "return jax.lax.optimization_barrier(delta.T) @ z_prev / delta.shape[0]",
+        "jax.lax.optimization_barrier(delta.T), z_prev, precision=precision\n    )",
+        "jax.lax.optimization_barrier(delta.T), z_prev, precision=precision\n"
+        "    ) / delta.shape[0]",
         T_NET,
     ),
     Mutant(
         "input_grad_without_W",
         "gradients",
         BW,
-        "    return delta @ W\n",
-        "    return delta @ jnp.ones_like(W)\n",
+        "return jnp.matmul(delta, W, precision=precision)",
+        "return jnp.matmul(delta, jnp.ones_like(W), precision=precision)",
         T_NET,
     ),
     Mutant(
@@ -318,9 +319,10 @@ CATALOGUE: tuple[Mutant, ...] = (
         "non_finite_epoch_kept",
         "training",
         TRAIN,
-        "kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), "
-        "new_state, state)",
-        "kept = new_state",
+        "(body, state, (Xb, Yb, keys))\n"
+        "    ok = jnp.all(jnp.isfinite(batch_losses))"
+        " & _all_finite(new_state.params)\n",
+        "(body, state, (Xb, Yb, keys))\n    ok = jnp.array(True)\n",
         _k("tests/test_train.py", "non_finite"),
     ),
     # --- data ------------------------------------------------------------------------
