@@ -271,7 +271,9 @@ def test_every_epoch_is_shuffled_with_its_own_key():
     net = fnnet.MLP((1, 1), output="identity", loss="mse")
     x = np.zeros((n, 1))
     y = np.arange(n, dtype=np.float64)[:, None]
-    cfg = TrainConfig(batch_size=1, learning_rate=1.0, seed=3)
+    cfg = TrainConfig(
+        optimizer="sgd", batch_size=1, learning_rate=1.0, seed=3, patience=None
+    )
     params = _params(net)
     last = []
     for epochs in range(1, 9):
