@@ -81,6 +81,10 @@ DTYPE_HELP = (
 DEFAULT_DP_DELTA = 1e-5
 #: Held (flock) by the run using the folder; says who holds it.
 LOCK_FILE = "fnnet.lock"
+#: How often ``fnnet train`` writes its checkpoint (``--checkpoint-every``).
+DEFAULT_CHECKPOINT_EVERY = "2s"
+#: Least seconds between two refreshes of the progress bar's numbers.
+PROGRESS_SECONDS = 0.25
 
 # Exit codes: 0 success, 2 bad usage, bad input or a file system error
 # (argparse's convention), 3 training stopped on a non-finite loss, 130
@@ -89,7 +93,7 @@ EXIT_USAGE, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 #: Settings that ``--resume`` may change (applied and reported); any other
 #: flag given with ``--resume`` must equal the saved setting.
-RESUME_MAY_CHANGE = ("epochs", "check_every", "quiet")
+RESUME_MAY_CHANGE = ("epochs", "check_every", "checkpoint_every", "quiet")
 #: config.json keys a run folder must have (later flags default when absent).
 CONFIG_REQUIRED = (
     "data",
@@ -255,6 +259,29 @@ def _join_processes(args) -> None:
         args.num_processes,
         args.process_id,
         heartbeat_timeout=args.heartbeat_timeout,
+    )
+
+
+def checkpoint_every(text: str) -> tuple[int | None, float | None]:
+    """``--checkpoint-every``: ``N`` epochs or ``Ts`` seconds, as (epochs, seconds).
+
+    Raises InputError naming the flag for anything else.
+    """
+    value = str(text).strip()
+    try:
+        if value.endswith("s"):
+            seconds = float(value[:-1])
+            if seconds >= 0 and seconds != float("inf"):
+                return None, seconds
+        else:
+            epochs = int(value)
+            if epochs >= 1:
+                return epochs, None
+    except ValueError:
+        pass
+    raise InputError(
+        f"--checkpoint-every must be a positive number of epochs (e.g. 10) or of "
+        f"seconds ending in s (e.g. 30s), got {text!r}"
     )
 
 
@@ -472,6 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the run in DIR from its checkpoint (its saved settings; "
         "--epochs may raise the limit)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        default=None,
+        metavar="N|Ts",
+        help="write checkpoint.npz every N epochs or every T seconds (e.g. 30s), "
+        "from a background thread; also after the first compiled call and always "
+        f"at the end (default {DEFAULT_CHECKPOINT_EVERY}; a resume repeats the "
+        "epochs since the last checkpoint)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -843,6 +879,8 @@ def _flag_settings(args) -> dict:
     _check_dp_flags(settings)
     if settings["dp_clip"] is not None and settings["dp_delta"] is None:
         settings["dp_delta"] = DEFAULT_DP_DELTA
+    if settings["checkpoint_every"] is None:
+        settings["checkpoint_every"] = DEFAULT_CHECKPOINT_EVERY
     return settings
 
 
@@ -876,6 +914,7 @@ def _check_dp_flags(s: dict) -> None:
 
 def _check_settings(s: dict, name_of_key) -> None:
     """Checks of settings that no library constructor makes, in the user's terms."""
+    checkpoint_every(s["checkpoint_every"])
     for key in ("val_fraction", "test_fraction"):
         v = s[key]
         if not (isinstance(v, (int, float)) and 0 <= v < 1):
@@ -1369,6 +1408,7 @@ def _fit_and_report(s, out, resume, ds, net, data, config, params) -> int:
     :class:`fnnet.stream.StreamData` (the same statistics and classes).
     """
     train_data, val_data, test_data = data
+    every_epochs, every_seconds = checkpoint_every(s["checkpoint_every"])
     # Over several processes only process 0 writes files and shows progress.
     primary = distributed.is_primary()
     bar = _progress(config.epochs, quiet=s["quiet"] or not primary)
@@ -1376,12 +1416,20 @@ def _fit_and_report(s, out, resume, ds, net, data, config, params) -> int:
         bar.update(ckpt.load_meta(out / CHECKPOINT_FILE)["epoch"])
 
     grad_columns = grad_check_columns(net)
+    shown_at = [-PROGRESS_SECONDS]
 
     def on_epoch(rec):
         if bar is not None:
             bar.update(1)
+            now = time.monotonic()
+            if now - shown_at[0] < PROGRESS_SECONDS:
+                return  # the numbers are refreshed a few times a second at most
+            shown_at[0] = now
             shown = {k: v for k, v in rec.items() if k not in grad_columns[:-1]}
-            bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k != "epoch"})
+            bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in shown.items() if k != "epoch"},
+                refresh=False,
+            )
 
     result = fit(
         net,
@@ -1396,6 +1444,8 @@ def _fit_and_report(s, out, resume, ds, net, data, config, params) -> int:
         check_every=s["check_every"],
         checkpoint_info={"settings": s, "model": _model_record(s, ds, net)},
         log_noise_scale=s["log_noise_scale"],
+        checkpoint_every=every_epochs,
+        checkpoint_seconds=every_seconds,
     )
     if bar is not None:
         bar.close()

@@ -72,11 +72,16 @@ def prepare(net, params: Params, x: Array, y: Array | None = None):
     return x, y
 
 
-def dropout_masks(net, key: Array | None, batch: tuple[int, ...], dtype):
-    """Scaled masks m / p for every hidden layer (eq. 20), or None without a key."""
+def dropout_masks(
+    net, key: Array | None, batch: tuple[int, ...], dtype, keep_prob=None
+):
+    """Scaled masks m / p for every hidden layer (eq. 20), or None without a key.
+
+    ``keep_prob``: p, when not ``net.keep_prob`` (a traced value in a sweep).
+    """
     if key is None:
         return None
-    p = net.keep_prob
+    p = net.keep_prob if keep_prob is None else keep_prob
     keys = jax.random.split(key, net.num_layers - 1)
     return tuple(
         jax.random.bernoulli(k, p, (*batch, m)).astype(dtype) / jnp.asarray(p, dtype)
@@ -84,9 +89,9 @@ def dropout_masks(net, key: Array | None, batch: tuple[int, ...], dtype):
     )
 
 
-def masks_for(net, key: Array | None, x: Array):
+def masks_for(net, key: Array | None, x: Array, keep_prob=None):
     """:func:`dropout_masks` for the rows of a prepared ``x``."""
-    return dropout_masks(net, key, x.shape[:-1], x.dtype)
+    return dropout_masks(net, key, x.shape[:-1], x.dtype, keep_prob)
 
 
 def block_params(layer, block):

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -219,6 +220,39 @@ def init_state(
         return TrainState(params, optimizer.init(params))
 
 
+class Hyper(NamedTuple):
+    """The continuous settings a step reads, as values that may be traced.
+
+    A sweep (:mod:`fnnet.sweep`) trains members that differ in these inside
+    one ``vmap``: each member's step reads its own values from a ``Hyper`` of
+    scalar arrays, while the switches that shape the computation stay static
+    in the population's :class:`TrainConfig` and :class:`MLP` (a penalty,
+    decay or noise of 0 and a keep probability of 1 leave a member's numbers
+    as a run without them would have them). ``hyper=None`` everywhere means
+    "the values of the config and the network", unchanged.
+
+    With an optax optimizer, ``learning_rate`` scales the updates of an
+    optimizer built with learning rate 1 (see :func:`unit_rate_optimizer`):
+    optax applies the rate last, as ``u * -lr``, so the product is the same.
+    """
+
+    learning_rate: Any
+    l2: Any
+    weight_decay: Any
+    noise_std: Any
+    keep_prob: Any
+
+
+def unit_rate_optimizer(config: TrainConfig) -> optax.GradientTransformation | None:
+    """``make_optimizer`` with learning rate 1, for :class:`Hyper` rates."""
+    return make_optimizer(dataclasses.replace(config, learning_rate=1.0))
+
+
+def _scalar(value, like: Array):
+    """A :class:`Hyper` value in the dtype of ``like`` (as a Python float would be)."""
+    return jnp.asarray(value).astype(like.dtype)
+
+
 # --------------------------------------------------------------------- a step
 
 
@@ -236,48 +270,66 @@ def _map_decayed(fn, tree, params: Params, config: TrainConfig):
     )
 
 
-def l2_penalty(params: Params, config: TrainConfig) -> Array:
-    """(alpha/2) ||theta||^2 over the decayed leaves."""
+def l2_penalty(params: Params, config: TrainConfig, alpha=None) -> Array:
+    """(alpha/2) ||theta||^2 over the decayed leaves (alpha: ``config.l2`` if None)."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     total = sum(jnp.sum(jnp.square(t)) for path, t in leaves if _decayed(path, config))
-    return 0.5 * config.l2 * total
+    if alpha is None:
+        return 0.5 * config.l2 * total
+    return 0.5 * _scalar(alpha, total) * total
 
 
-def l2_grad(params: Params, grads: Grads, config: TrainConfig) -> Grads:
+def l2_grad(params: Params, grads: Grads, config: TrainConfig, alpha=None) -> Grads:
     """dJ~/dtheta = dJ/dtheta + alpha theta, on the decayed leaves."""
-    return _map_decayed(lambda g, theta: g + config.l2 * theta, grads, params, config)
+    if alpha is None:
+        alpha = config.l2
+        return _map_decayed(lambda g, theta: g + alpha * theta, grads, params, config)
+    return _map_decayed(
+        lambda g, theta: g + _scalar(alpha, theta) * theta, grads, params, config
+    )
 
 
-def training_inputs(net: MLP, config: TrainConfig, x: Array, key):
-    """x with input noise, and the dropout masks, drawn from ``key`` (or None)."""
+def training_inputs(net: MLP, config: TrainConfig, x: Array, key, hyper=None):
+    """x with input noise, and the dropout masks, drawn from ``key`` (or None).
+
+    ``hyper``: an optional :class:`Hyper` whose noise and keep probability
+    replace the config's and the network's.
+    """
     masks = None
     if key is not None:
         k_mask, k_noise = jax.random.split(key)
         if config.noise_std > 0:
             noise = jax.random.normal(k_noise, x.shape, x.dtype)
-            x = x + jnp.asarray(config.noise_std, x.dtype) * noise
+            std = config.noise_std if hyper is None else hyper.noise_std
+            x = x + jnp.asarray(std, x.dtype) * noise
         if net.keep_prob < 1:
-            masks = core.masks_for(net, k_mask, x)
+            if hyper is None:
+                masks = core.masks_for(net, k_mask, x)
+            else:
+                masks = core.masks_for(net, k_mask, x, keep_prob=hyper.keep_prob)
     return x, masks
 
 
-def loss_and_grads(net: MLP, config: TrainConfig, params, x, y, key):
+def loss_and_grads(net: MLP, config: TrainConfig, params, x, y, key, hyper=None):
     """J~ (with the L2 penalty) and its gradient, from the configured source.
 
     x and y are already prepared (parameters' dtype, y shaped); ``key`` drives
-    dropout and input noise and may be None when neither is on.
+    dropout and input noise and may be None when neither is on. ``hyper``: an
+    optional :class:`Hyper` whose noise, keep probability and L2 values
+    replace the config's and the network's.
     """
-    x, masks = training_inputs(net, config, x, key)
+    x, masks = training_inputs(net, config, x, key, hyper)
+    alpha = None if hyper is None else hyper.l2
     if config.grad == "hand":
         J, grads, _, _ = core.backprop(net, params, x, y, masks)
         if config.l2 > 0:
-            J = J + l2_penalty(params, config)
-            grads = l2_grad(params, grads, config)
+            J = J + l2_penalty(params, config, alpha)
+            grads = l2_grad(params, grads, config, alpha)
         return J, grads
 
     def J_tilde(p):
         J = core.cost(net, p, x, y, masks)
-        return J + l2_penalty(p, config) if config.l2 > 0 else J
+        return J + l2_penalty(p, config, alpha) if config.l2 > 0 else J
 
     return jax.value_and_grad(J_tilde)(params)
 
@@ -287,28 +339,47 @@ def apply_update(
     optimizer: optax.GradientTransformation | None,
     state: TrainState,
     grads: Grads,
+    hyper: Hyper | None = None,
 ) -> TrainState:
-    """One update: plain SGD or the optax transformation, then weight decay."""
+    """One update: plain SGD or the optax transformation, then weight decay.
+
+    ``hyper``: optional :class:`Hyper` rate and decay replacing the config's;
+    an optax ``optimizer`` must then have learning rate 1
+    (:func:`unit_rate_optimizer`).
+    """
     params, opt_state = state
     if optimizer is None:  # eq. 19: theta <- theta - lr dJ/dtheta
-        lr = config.learning_rate
-        new = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+        if hyper is None:
+            lr = config.learning_rate
+            new = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+        else:
+            rate = hyper.learning_rate
+            new = jax.tree.map(lambda p, g: p - _scalar(rate, g) * g, params, grads)
     else:
         # optax mixes Python floats with int32 step counts, which a process
         # that set jax_numpy_dtype_promotion="strict" would reject.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, opt_state, params)
+        if hyper is not None:  # u * -1 from the unit rate, then * lr: u * -lr
+            rate = hyper.learning_rate
+            updates = jax.tree.map(lambda u: u * _scalar(rate, u), updates)
         new = optax.apply_updates(params, updates)
     if config.weight_decay > 0:  # decoupled: theta <- theta - beta theta + u
-        beta = config.weight_decay
-        new = _map_decayed(lambda t, theta: t - beta * theta, new, params, config)
+        if hyper is None:
+            beta = config.weight_decay
+            new = _map_decayed(lambda t, theta: t - beta * theta, new, params, config)
+        else:
+            beta = hyper.weight_decay
+            new = _map_decayed(
+                lambda t, theta: t - _scalar(beta, theta) * theta, new, params, config
+            )
     return TrainState(new, opt_state)
 
 
-def train_step(net, config, optimizer, state: TrainState, x, y, key=None):
+def train_step(net, config, optimizer, state: TrainState, x, y, key=None, hyper=None):
     """Forward, backward, update on one mini-batch. Returns (state, J~)."""
-    J, grads = loss_and_grads(net, config, state.params, x, y, key)
-    return apply_update(config, optimizer, state, grads), J
+    J, grads = loss_and_grads(net, config, state.params, x, y, key, hyper)
+    return apply_update(config, optimizer, state, grads, hyper), J
 
 
 # --------------------------------------------------------------------- an epoch
@@ -323,7 +394,9 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in leaves]))
 
 
-def run_epoch(net, config, optimizer, state: TrainState, X, Y, key, *, sharding=None):
+def run_epoch(
+    net, config, optimizer, state: TrainState, X, Y, key, *, sharding=None, hyper=None
+):
     """Shuffle with ``key`` and take one step per full mini-batch, in one scan.
 
     The last ``N mod batch_size`` examples of each shuffle are left out of
@@ -335,6 +408,8 @@ def run_epoch(net, config, optimizer, state: TrainState, X, Y, key, *, sharding=
       sharding: optional :func:`batch_sharding`: every mini-batch is split
         over its devices along the batch axis (data parallelism); parameters
         stay replicated and XLA reduces the gradient sums across devices.
+      hyper: optional :class:`Hyper` values for this run's steps (a sweep's
+        member); None: the config's and the network's.
 
     Returns:
       ``(state, losses, ok)``: losses of shape (batches,).
@@ -362,7 +437,7 @@ def run_epoch(net, config, optimizer, state: TrainState, X, Y, key, *, sharding=
             step_sharding = NamedSharding(sharding.mesh, PartitionSpec("batch"))
             x = jax.lax.with_sharding_constraint(x, step_sharding)
             y = jax.lax.with_sharding_constraint(y, step_sharding)
-        return train_step(net, config, optimizer, st, x, y, k)
+        return train_step(net, config, optimizer, st, x, y, k, hyper)
 
     new_state, batch_losses = jax.lax.scan(body, state, (perm, keys))
     ok = jnp.all(jnp.isfinite(batch_losses)) & _all_finite(new_state.params)
@@ -847,6 +922,211 @@ def noise_scale(net: MLP, params: Params, X, Y, batch_size: int) -> dict:
     return dict(zip(NOISE_SCALE_KEYS, values, strict=True))
 
 
+# ------------------------------------------------- several epochs in one call
+
+#: Epochs per compiled call of :func:`fit` (its ``epochs_per_call``): the
+#: host looks at the run (history, progress, checkpoints) once per call.
+EPOCHS_PER_CALL = 10
+#: Patience that never stops a run (``patience=None``) inside a compiled call.
+NO_PATIENCE = 2**31 - 1
+
+
+class LoopCarry(NamedTuple):
+    """What a run carries from epoch to epoch on the device.
+
+    state: the training state after the last epoch run.
+    best_params: the parameters of the best validation epoch so far (with no
+      validation split: those of the last epoch).
+    best_val: the best validation loss so far (inf before the first).
+    bad_epochs: epochs since the last improvement (int32).
+    done: True once an epoch gave a non-finite loss or parameters.
+    """
+
+    state: TrainState
+    best_params: Params
+    best_val: Array
+    bad_epochs: Array
+    done: Array
+
+
+class EpochRecords(NamedTuple):
+    """One entry per epoch slot of a call (leading axis: the call's epochs).
+
+    ran: the slot ran an epoch (False past the last epoch, after early
+      stopping or after a non-finite epoch). ok: its loss and parameters were
+      finite. improved: it set a new best validation loss. grad_errors: the
+      gradient check's per-layer errors (NaN where no check ran).
+    """
+
+    ran: Array
+    ok: Array
+    improved: Array
+    batch_loss: Array
+    train_loss: Array
+    train_metric: Array
+    val_loss: Array
+    val_metric: Array
+    grad_errors: Array
+
+
+def init_carry(state: TrainState, best_params: Params, best_val=math.inf, bad=0):
+    """The :class:`LoopCarry` of a run about to start (or resume)."""
+    dtype = jax.tree.leaves(best_params)[0].dtype
+    return LoopCarry(
+        state,
+        best_params,
+        jnp.asarray(best_val, dtype),
+        jnp.asarray(bad, jnp.int32),
+        jnp.asarray(False),
+    )
+
+
+def run_epochs(
+    net,
+    config,
+    optimizer,
+    count: int,
+    carry: LoopCarry,
+    X,
+    Y,
+    val,
+    base_key,
+    first,
+    last,
+    patience,
+    check_every=None,
+    check_batch=None,
+    *,
+    sharding=None,
+    hyper=None,
+):
+    """Epochs ``first .. first + count - 1`` (those <= ``last``) in one scan.
+
+    Each epoch is :func:`run_epoch` with ``epoch_key(base_key, epoch)``, then
+    the evaluation of the training set and of ``val`` (when not None) and,
+    every ``check_every`` epochs, :func:`grad_check_errors` on
+    ``check_batch``. Early stopping is decided here too: an epoch runs only
+    while ``bad_epochs < patience`` and no epoch was non-finite; the others
+    are skipped (``lax.cond``; under ``vmap`` they are computed and
+    discarded, so a stopped member keeps its state and best parameters).
+    Pure and unchecked: ``first``, ``last``, ``patience`` and ``check_every``
+    may be traced ints, so one compiled function serves every call of a run.
+
+    Returns:
+      ``(carry, records)``: the :class:`LoopCarry` after the call and the
+      :class:`EpochRecords` of its ``count`` slots.
+    """
+    dtype = carry.best_val.dtype
+    nan = jnp.full((), jnp.nan, dtype)
+    n_layers = net.num_layers
+
+    def run(carry, epoch):
+        state, losses, ok = run_epoch(
+            net,
+            config,
+            optimizer,
+            carry.state,
+            X,
+            Y,
+            epoch_key(base_key, epoch),
+            sharding=sharding,
+            hyper=hyper,
+        )
+        train_loss, train_metric = core.evaluate(net, state.params, X, Y)
+        if val is None:
+            val_loss = val_metric = nan
+            improved = ok
+            best_val = carry.best_val
+        else:
+            val_loss, val_metric = core.evaluate(net, state.params, *val)
+            improved = ok & (val_loss < carry.best_val)
+            best_val = jnp.where(improved, val_loss.astype(dtype), carry.best_val)
+        best = jax.tree.map(
+            lambda new, old: jnp.where(improved, new, old),
+            state.params,
+            carry.best_params,
+        )
+        bad = jnp.where(improved, 0, carry.bad_epochs + jnp.where(ok, 1, 0))
+        if check_batch is None:
+            errors = jnp.full((n_layers,), jnp.nan, dtype)
+        else:
+            errors = jax.lax.cond(
+                epoch % check_every == 0,
+                lambda p: grad_check_errors(net, p, *check_batch).astype(dtype),
+                lambda p: jnp.full((n_layers,), jnp.nan, dtype),
+                state.params,
+            )
+        new = LoopCarry(state, best, best_val, bad.astype(jnp.int32), ~ok)
+        record = EpochRecords(
+            jnp.asarray(True),
+            ok,
+            improved,
+            jnp.mean(losses).astype(dtype),
+            train_loss.astype(dtype),
+            train_metric.astype(dtype),
+            jnp.asarray(val_loss).astype(dtype),
+            jnp.asarray(val_metric).astype(dtype),
+            errors,
+        )
+        return new, record
+
+    def skip(carry, epoch):
+        del epoch
+        no = jnp.asarray(False)
+        errors = jnp.full((n_layers,), jnp.nan, dtype)
+        return carry, EpochRecords(no, no, no, nan, nan, nan, nan, nan, errors)
+
+    def body(carry, i):
+        epoch = first + i
+        active = (epoch <= last) & ~carry.done & (carry.bad_epochs < patience)
+        return jax.lax.cond(active, run, skip, carry, epoch)
+
+    return jax.lax.scan(body, carry, jnp.arange(count, dtype=jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("sharding",))
+def run_epochs_jit(
+    net,
+    config,
+    optimizer,
+    count,
+    carry,
+    X,
+    Y,
+    val,
+    base_key,
+    first,
+    last,
+    patience,
+    check_every=None,
+    check_batch=None,
+    *,
+    sharding=None,
+):
+    """:func:`run_epochs` as one compiled call (``carry`` is not donated).
+
+    The carry stays valid after the call, so a run interrupted during a call
+    can still save the state that call started from.
+    """
+    return run_epochs(
+        net,
+        config,
+        optimizer,
+        count,
+        carry,
+        X,
+        Y,
+        val,
+        base_key,
+        first,
+        last,
+        patience,
+        check_every,
+        check_batch,
+        sharding=sharding,
+    )
+
+
 # --------------------------------------------------------------------- fitting
 
 
@@ -877,6 +1157,9 @@ def fit(
     check_every: int | None = None,
     checkpoint_info: dict | None = None,
     log_noise_scale: bool = False,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    epochs_per_call: int = EPOCHS_PER_CALL,
 ) -> FitResult:
     """Train ``net`` from ``params`` on ``train``, watching ``val``.
 
@@ -903,11 +1186,16 @@ def fit(
         and noise (initialisation is the caller's, from its own key).
       optimizer: any optax transformation fed by the hand gradients; default
         the one named by ``config.optimizer`` (plain SGD for "sgd").
-      checkpoint: file to write after every epoch (atomically) and to read
-        when ``resume``.
+      checkpoint: file to write (atomically, from a background thread) and
+        to read when ``resume``. Written after the first compiled call, then
+        as ``checkpoint_every``/``checkpoint_seconds`` say (default: after
+        every call), and always at the end, also when training stops on an
+        error or an interruption (with the last complete call).
       resume: continue from ``checkpoint``; the final parameters are
-        bit-identical to an uninterrupted run.
-      on_epoch: called with each epoch's history record.
+        bit-identical to an uninterrupted run. Epochs run after the last
+        checkpoint was written are run again.
+      on_epoch: called with each epoch's history record, after the compiled
+        call that ran the epoch (up to ``epochs_per_call`` at once).
       devices: data-parallel training over this many devices (or these
         devices): each mini-batch is split along the batch axis, which must
         divide evenly; parameters are replicated. None: one device. Under
@@ -931,6 +1219,15 @@ def fit(
         B_simple = tr(Sigma) / |G|^2 at the current parameters (see
         :func:`noise_scale`) and add ``noise_scale``, ``noise_trace`` and
         ``noise_grad_sq`` to the epoch's record.
+
+      checkpoint_every: write a checkpoint every this many epochs (calls end
+        on those epochs).
+      checkpoint_seconds: write a checkpoint at the end of the first call
+        that ends this many seconds or more after the last write.
+      epochs_per_call: epochs run in one compiled call (:func:`run_epochs`):
+        training, evaluation, early stopping and the gradient checks all
+        happen on the device; the host waits for the device once per call.
+        Results do not depend on it.
 
     DP-SGD: with ``config.dp_clip`` set, every step is
     :func:`dp_train_step` (Poisson batches, clipped per-example gradients,
@@ -992,6 +1289,27 @@ def fit(
     if val is not None and not is_chunk_source(val):
         val = to_device(net, params, *net.validate(params, *val))
         check_finite_data("val", *val)
+    for name, value in (
+        ("checkpoint_every", checkpoint_every),
+        ("epochs_per_call", epochs_per_call),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise InputError(f"{name} must be a positive int, got {value!r}")
+    if checkpoint_seconds is not None and (
+        isinstance(checkpoint_seconds, bool)
+        or not isinstance(checkpoint_seconds, (int, float))
+        or not checkpoint_seconds >= 0
+    ):
+        raise InputError(
+            f"checkpoint_seconds must be a number >= 0, got {checkpoint_seconds!r}"
+        )
+    if checkpoint_every is not None and checkpoint_seconds is not None:
+        raise InputError(
+            "give checkpoint_every (epochs) or checkpoint_seconds, not both"
+        )
+    info = checkpoint_info
     if optimizer is None:
         optimizer = make_optimizer(config)
     sharding = host = None
@@ -1037,6 +1355,7 @@ def fit(
         state = distributed.replicate(state, sharding.mesh)
     elif sharding is not None:
         state = jax.device_put(state, replicated)
+    check_batch = None
     if check_every is not None:
         check_batch = (X[:GRAD_CHECK_ROWS], Y[:GRAD_CHECK_ROWS])
 
@@ -1045,68 +1364,205 @@ def fit(
     stopped, message = "completed", ""
     start = time.perf_counter()
     patience = math.inf if config.patience is None else config.patience
-    while loop.epoch < config.epochs:
-        if loop.bad_epochs >= patience:  # also when resuming a stopped run
-            stopped = "early_stopping"
-            break
-        epoch = loop.epoch + 1
-        key = epoch_key(base_key, epoch)
-        if streamed:
-            state, batch_losses, ok = _stream_epoch(
-                net, step_config, optimizer, state, train, key, config.seed, epoch
-            )
-        elif host is None:
-            state, batch_losses, ok = run_epoch_jit(
-                net, step_config, optimizer, state, X, Y, key, sharding=sharding
-            )
+    # Over several processes only process 0 writes the checkpoint.
+    writer = _Writer(
+        checkpoint if distributed.is_primary() else None,
+        checkpoint_every,
+        checkpoint_seconds,
+        loop.epoch,
+    )
+    # DP-SGD, the noise scale, chunk sources, sets evaluated in slices (over
+    # EVAL_ROWS rows) and runs over several processes (each feeds its rows)
+    # take the host between epochs: one compiled epoch per call, evaluated
+    # from the host, with the same numbers.
+    by_epoch = (
+        streamed
+        or host is not None
+        or log_noise_scale
+        or config.dp_clip is not None
+        or X.shape[0] > EVAL_ROWS
+        or (val is not None and (is_chunk_source(val) or val[0].shape[0] > EVAL_ROWS))
+    )
+    carry = None
+    try:
+        if by_epoch:
+            while loop.epoch < config.epochs:
+                if loop.bad_epochs >= patience:  # also when resuming a stopped run
+                    stopped = "early_stopping"
+                    break
+                epoch = loop.epoch + 1
+                key = epoch_key(base_key, epoch)
+                # The epoch donates ``state``: ``state`` and ``loop`` move on
+                # together below, so a checkpoint never mixes two epochs.
+                if streamed:
+                    new_state, batch_losses, ok = _stream_epoch(
+                        net,
+                        step_config,
+                        optimizer,
+                        state,
+                        train,
+                        key,
+                        config.seed,
+                        epoch,
+                    )
+                elif host is None:
+                    new_state, batch_losses, ok = run_epoch_jit(
+                        net, step_config, optimizer, state, X, Y, key, sharding=sharding
+                    )
+                else:
+                    new_state, batch_losses, ok = _fed_epoch(
+                        net, step_config, optimizer, state, host, key, sharding, B
+                    )
+                if not bool(ok):
+                    state = new_state  # the state from before the epoch
+                    stopped = "non_finite"
+                    message = (
+                        f"non-finite loss in epoch {epoch}: stopped, keeping the "
+                        f"parameters of epoch {epoch - 1} (try a smaller learning "
+                        "rate)"
+                    )
+                    break
+                params_now = new_state.params
+                if host is not None:
+                    params_now = distributed.local_copy(new_state.params)
+                record = {"epoch": epoch, "batch_loss": float(jnp.mean(batch_losses))}
+                if streamed:
+                    train_eval = evaluate_chunks(net, params_now, train)
+                else:
+                    train_eval = _evaluate_prepared(net, params_now, X, Y)
+                record["train_loss"], record[f"train_{metric}"] = train_eval.values()
+                improved, best_val = True, loop.best_val
+                if val is not None:
+                    if is_chunk_source(val):
+                        val_eval = evaluate_chunks(net, params_now, val)
+                    else:
+                        val_eval = _evaluate_prepared(net, params_now, *val)
+                    record["val_loss"], record[f"val_{metric}"] = val_eval.values()
+                    improved = val_eval["loss"] < loop.best_val
+                    if improved:
+                        best_val = val_eval["loss"]
+                if check_every is not None and epoch % check_every == 0:
+                    record.update(grad_check_record(net, params_now, *check_batch))
+                if not streamed:  # DP-SGD needs the data in memory (checked above)
+                    record.update(dp_accounting_record(config, X.shape[0], epoch))
+                if log_noise_scale:
+                    record.update(noise_scale(net, params_now, X, Y, config.batch_size))
+                state, loop.best_val = new_state, best_val
+                if improved:
+                    loop.best_epoch, loop.bad_epochs = epoch, 0
+                    loop.best_params = _copy(params_now)
+                else:
+                    loop.bad_epochs += 1
+                loop.epoch = epoch
+                loop.history.append(record)
+                if on_epoch is not None:
+                    on_epoch(record)
+                if writer.due(loop.epoch):
+                    here = state if host is None else distributed.local_copy(state)
+                    writer.write(
+                        _snapshot(
+                            here, loop.best_params, loop, base_key, config, net, info
+                        )
+                    )
         else:
-            state, batch_losses, ok = _fed_epoch(
-                net, step_config, optimizer, state, host, key, sharding, B
-            )
-        if not bool(ok):
-            stopped = "non_finite"
-            message = (
-                f"non-finite loss in epoch {epoch}: stopped, keeping the parameters "
-                f"of epoch {epoch - 1} (try a smaller learning rate)"
-            )
-            break
-        record = {"epoch": epoch, "batch_loss": float(jnp.mean(batch_losses))}
-        params_here = state.params
-        if host is not None:
-            params_here = distributed.local_copy(state.params)
-        if streamed:
-            train_eval = evaluate_chunks(net, params_here, train)
+            carry = init_carry(state, loop.best_params, loop.best_val, loop.bad_epochs)
+            grad_columns = grad_check_columns(net)
+            while loop.epoch < config.epochs:
+                if loop.bad_epochs >= patience:  # also when resuming a stopped run
+                    stopped = "early_stopping"
+                    break
+                first = loop.epoch + 1
+                carry_next, records = run_epochs_jit(
+                    net,
+                    step_config,
+                    optimizer,
+                    epochs_per_call,
+                    carry,
+                    X,
+                    Y,
+                    val,
+                    base_key,
+                    jnp.int32(first),
+                    jnp.int32(writer.last_epoch(first, config.epochs, epochs_per_call)),
+                    jnp.int32(min(patience, NO_PATIENCE)),
+                    None if check_every is None else jnp.int32(check_every),
+                    check_batch,
+                    sharding=sharding,
+                )
+                records = jax.device_get(records)  # the one wait of the call
+                new_history, best_epoch = [], loop.best_epoch
+                bad, best_val = loop.bad_epochs, loop.best_val
+                for i in np.flatnonzero(records.ran):
+                    epoch = first + int(i)
+                    if not records.ok[i]:
+                        stopped = "non_finite"
+                        message = (
+                            f"non-finite loss in epoch {epoch}: stopped, keeping the "
+                            f"parameters of epoch {epoch - 1} (try a smaller "
+                            "learning rate)"
+                        )
+                        break
+                    record = {
+                        "epoch": epoch,
+                        "batch_loss": float(records.batch_loss[i]),
+                        "train_loss": float(records.train_loss[i]),
+                        f"train_{metric}": float(records.train_metric[i]),
+                    }
+                    if val is not None:
+                        record["val_loss"] = float(records.val_loss[i])
+                        record[f"val_{metric}"] = float(records.val_metric[i])
+                    if records.improved[i]:
+                        best_epoch, bad = epoch, 0
+                        if val is not None:
+                            best_val = record["val_loss"]
+                    else:
+                        bad += 1
+                    if check_every is not None and epoch % check_every == 0:
+                        errors = records.grad_errors[i].tolist()
+                        values = [*errors, float(np.max(records.grad_errors[i]))]
+                        record.update(zip(grad_columns, values, strict=True))
+                    new_history.append(record)
+                # The run's state and its bookkeeping move on together.
+                carry = carry_next
+                loop.history.extend(new_history)
+                loop.epoch += len(new_history)
+                loop.best_epoch, loop.bad_epochs = best_epoch, bad
+                loop.best_val = best_val
+                if on_epoch is not None:
+                    for record in new_history:
+                        on_epoch(record)
+                if writer.due(loop.epoch):
+                    writer.write(
+                        _snapshot(
+                            carry.state,
+                            carry.best_params,
+                            loop,
+                            base_key,
+                            config,
+                            net,
+                            info,
+                        )
+                    )
+                if stopped == "non_finite":
+                    break
+            state, loop.best_params = carry.state, carry.best_params
+    finally:
+        # The last checkpoint is always written: at the end, after an error
+        # or an interruption (KeyboardInterrupt), with the last complete
+        # call (or epoch). An epoch interrupted inside its call has consumed
+        # ``state`` (donated): the checkpoint on disk is then the last one.
+        if carry is not None:
+            state, best = carry.state, carry.best_params
         else:
-            train_eval = _evaluate_prepared(net, params_here, X, Y)
-        record["train_loss"], record[f"train_{metric}"] = train_eval.values()
-        improved = True
-        if val is not None:
-            if is_chunk_source(val):
-                val_eval = evaluate_chunks(net, params_here, val)
-            else:
-                val_eval = _evaluate_prepared(net, params_here, *val)
-            record["val_loss"], record[f"val_{metric}"] = val_eval.values()
-            improved = val_eval["loss"] < loop.best_val
-            if improved:
-                loop.best_val = val_eval["loss"]
-        if improved:
-            loop.best_epoch, loop.bad_epochs = epoch, 0
-            loop.best_params = _copy(params_here)
-        else:
-            loop.bad_epochs += 1
-        if check_every is not None and epoch % check_every == 0:
-            record.update(grad_check_record(net, params_here, *check_batch))
-        if not streamed:  # DP-SGD needs the data in memory (checked above)
-            record.update(dp_accounting_record(config, X.shape[0], epoch))
-        if log_noise_scale:
-            record.update(noise_scale(net, params_here, X, Y, config.batch_size))
-        loop.epoch = epoch
-        loop.history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if checkpoint is not None and distributed.is_primary():  # written once
-            saved = state if host is None else distributed.local_copy(state)
-            _save(checkpoint, saved, loop, base_key, config, net, checkpoint_info)
+            best = loop.best_params
+        if (
+            writer.path is not None
+            and writer.written != loop.epoch
+            and not _deleted(state)
+        ):
+            here = state if host is None else distributed.local_copy(state)
+            writer.write(_snapshot(here, best, loop, base_key, config, net, info))
+        writer.close()
     seconds = time.perf_counter() - start
     if host is not None:  # ordinary arrays for the caller, as in one process
         state = distributed.local_copy(state)
@@ -1193,6 +1649,92 @@ def check_finite_data(name: str, x: Array, y: Array) -> None:
         )
 
 
+class _Writer:
+    """Checkpoints of a run: when they are due, written by a background thread.
+
+    One write at a time, in order; a write's host copies are taken before
+    the thread starts, so training goes on while it writes. An error of a
+    write is raised in the training thread at the next write or at the end.
+    """
+
+    def __init__(self, path, every_epochs, every_seconds, epoch):
+        self.path = None if path is None else Path(path)
+        self.every_epochs, self.every_seconds = every_epochs, every_seconds
+        self.written = epoch  # the epoch of the checkpoint on disk
+        self.first = True
+        self.time = -math.inf
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def last_epoch(self, first: int, epochs: int, per_call: int) -> int:
+        """The last epoch of a call starting at ``first``: ends on a due epoch."""
+        last = min(epochs, first + per_call - 1)
+        if self.path is not None and self.every_epochs is not None:
+            due = self.written + self.every_epochs
+            if first <= due < last:
+                last = due
+        return last
+
+    def due(self, epoch: int) -> bool:
+        if self.path is None or epoch == self.written:
+            return False
+        if self.first:  # the first call always leaves a checkpoint to resume
+            return True
+        if self.every_epochs is not None:
+            return epoch - self.written >= self.every_epochs
+        if self.every_seconds is not None:
+            return time.monotonic() - self.time >= self.every_seconds
+        return True
+
+    def write(self, snapshot) -> None:
+        self.wait()
+        tree, meta, epoch = snapshot
+        self.first, self.written, self.time = False, epoch, time.monotonic()
+
+        def save():
+            try:
+                ckpt.save(self.path, tree, meta)
+            except BaseException as err:  # raised in the training thread
+                self.error = err
+
+        self.thread = threading.Thread(target=save, name="fnnet-checkpoint")
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def close(self) -> None:
+        self.wait()
+
+
+def _snapshot(state, best_params, loop: _Loop, base_key, config, net, info):
+    """Host copies of what a checkpoint holds: (tree, meta, epoch)."""
+    state, best_params = jax.device_get((state, best_params))
+    tree = {"state": state, "best_params": best_params, "key": base_key}
+    meta = {
+        "epoch": loop.epoch,
+        "best_epoch": loop.best_epoch,
+        "best_val": loop.best_val if math.isfinite(loop.best_val) else None,
+        "bad_epochs": loop.bad_epochs,
+        "history": list(loop.history),
+        "train_config": dataclasses.asdict(config),
+        "net": net.describe(),
+    }
+    if info is not None:
+        meta["info"] = info
+    return tree, meta, loop.epoch
+
+
+def _deleted(tree) -> bool:
+    """Whether any array of ``tree`` was donated to a call (and is gone)."""
+    return any(t.is_deleted() for t in jax.tree.leaves(tree))
+
+
 def _copy(tree):
     return jax.tree.map(lambda t: jnp.array(t, copy=True), tree)
 
@@ -1207,22 +1749,6 @@ class _Loop:
     best_val: float = math.inf
     bad_epochs: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
-
-
-def _save(path, state, loop, base_key, config, net, info=None):
-    tree = {"state": state, "best_params": loop.best_params, "key": base_key}
-    meta = {
-        "epoch": loop.epoch,
-        "best_epoch": loop.best_epoch,
-        "best_val": loop.best_val if math.isfinite(loop.best_val) else None,
-        "bad_epochs": loop.bad_epochs,
-        "history": loop.history,
-        "train_config": dataclasses.asdict(config),
-        "net": net.describe(),
-    }
-    if info is not None:
-        meta["info"] = info
-    ckpt.save(path, tree, meta)
 
 
 def _load(path, state, loop, base_key, config, net):
