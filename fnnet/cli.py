@@ -1,6 +1,8 @@
-"""Command line: ``fnnet train``, ``gradcheck``, ``predict``, ``evaluate``, ``export``.
+"""Command line: ``fnnet train``, ``sweep``, ``gradcheck``, ``predict``, ``evaluate``,
+``export``.
 
-Also ``python -m fnnet``.
+Also ``python -m fnnet``. ``fnnet sweep`` trains every combination of seeds
+and settings as one vmapped population (:mod:`fnnet.sweep`).
 
 With no flags ``fnnet train`` trains a 64-128-10 ReLU network on
 scikit-learn's bundled digits in a few seconds and writes its results to
@@ -617,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0, help="seed for params and data")
     _add_model_commands(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -762,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = {
         "train": _train,
+        "sweep": _sweep,
         "gradcheck": _gradcheck,
         "predict": _predict,
         "evaluate": _evaluate,
@@ -1709,6 +1713,307 @@ def _plot(path: Path, history: list[dict], title: str) -> None:
     ax.set_ylabel("cost J (mean loss per example)")
     ax.set_title(f"fnnet train: {Path(str(title)).name}")
     ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ fnnet sweep
+
+
+def number_list(flag: str, text: str, kind=float) -> list:
+    """A comma list of numbers (``1e-3,3e-3``); ValueError naming ``flag``."""
+    try:
+        values = [kind(part) for part in str(text).split(",")]
+    except ValueError:
+        what, example = ("ints", "0,1,2") if kind is int else ("numbers", "1e-3,1e-2")
+        raise ValueError(
+            f"{flag} takes a comma list of {what} (e.g. {example}), got {text!r}"
+        ) from None
+    return values
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: ``0-7`` (both ends included) or a comma list ``0,3,5``."""
+    value = str(text).strip()
+    if "-" in value.lstrip("-"):
+        lo, _, hi = value.partition("-")
+        try:
+            a, b = int(lo), int(hi)
+        except ValueError:
+            a = b = -1
+        if 0 <= a <= b:
+            return list(range(a, b + 1))
+        raise ValueError(
+            f"--seeds takes a range A-B with 0 <= A <= B (e.g. 0-7) or a comma "
+            f"list of ints >= 0, got {text!r}"
+        )
+    seeds = number_list("--seeds", value, int)
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct ints >= 0, got {text!r}")
+    return seeds
+
+
+def architectures(values: list[str]) -> list[tuple[int, ...]]:
+    """``--hidden 128 64,64``: one architecture per value, widths comma-separated."""
+    out = []
+    for value in values:
+        widths = (
+            () if value in ("", "none") else tuple(number_list("--hidden", value, int))
+        )
+        if any(w < 1 for w in widths):
+            raise ValueError(f"--hidden widths must be positive ints, got {value!r}")
+        out.append(widths)
+    return out
+
+
+def add_sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="train every combination of seeds and settings as one vmapped population",
+        description=(
+            "Train every combination of --seeds and the comma lists of --lr, --l2, "
+            "--weight-decay, --keep-prob and --noise-std in one compiled call per "
+            "epochs, each member with its own early stopping. The data are split "
+            "once (--split-seed). Each --hidden architecture is its own group (one "
+            "population per group). Writes results.csv, results.md, members.csv, "
+            "best.json and val_curves.png to --out."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default="digits", help="bundled data set name or file")
+    p.add_argument("--target", default=None, help="csv target column")
+    p.add_argument("--task", choices=("auto", *fdata.TASKS), default="auto")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="validation share")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test share")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the data split")
+    p.add_argument(
+        "--hidden",
+        nargs="+",
+        default=["128"],
+        metavar="W[,W...]",
+        help="architectures, one per value, widths comma-separated, e.g. "
+        "--hidden 128 64,64 (each is a separate group)",
+    )
+    p.add_argument("--activation", default="relu", help="hidden activation")
+    p.add_argument("--output", default=None, help="output activation")
+    p.add_argument("--loss", default=None, help="per-example loss")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--lr", default="1e-3", help="learning rates, comma list")
+    p.add_argument("--l2", default="0", help="L2 strengths, comma list")
+    p.add_argument("--weight-decay", default="0", help="weight decays, comma list")
+    p.add_argument("--keep-prob", default="1", help="dropout keep probabilities")
+    p.add_argument("--noise-std", default="0", help="input noise stds, comma list")
+    p.add_argument("--seeds", default="0-4", help="seeds: A-B or a comma list")
+    p.add_argument("--momentum", type=float, default=0.9, help="momentum/nesterov")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="maximum epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="mini-batch size")
+    p.add_argument("--grad", choices=GRADS, default="hand", help="gradient source")
+    p.add_argument(
+        "--decay-biases", action="store_true", help="apply L2/decay to biases too"
+    )
+    p.add_argument(
+        "--patience", type=int, default=20, help="early stopping patience (0: off)"
+    )
+    p.add_argument("--out", default=None, help="output folder (default runs/sweep-…)")
+
+
+def _sweep(args) -> int:
+    with _precision(args.dtype):
+        return _run_sweep(args)
+
+
+def _run_sweep(args) -> int:
+    from fnnet import sweep as fsweep
+
+    settings = {
+        "learning_rate": number_list("--lr", args.lr),
+        "l2": number_list("--l2", args.l2),
+        "weight_decay": number_list("--weight-decay", args.weight_decay),
+        "keep_prob": number_list("--keep-prob", args.keep_prob),
+        "noise_std": number_list("--noise-std", args.noise_std),
+    }
+    seeds = seed_list(args.seeds)
+    groups = architectures(args.hidden)
+    if args.patience < 0:
+        raise ValueError(f"--patience must be >= 0, got {args.patience}")
+    extensions = _extensions(args.activation, args.output, args.loss)
+    task = None if args.task == "auto" else args.task
+    ds = fdata.load_dataset(
+        args.data,
+        target=_target(args.target),
+        task=task,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.split_seed,
+    )
+    if len(ds.x_val) == 0:
+        raise ValueError("fnnet sweep needs a validation split (--val-fraction > 0)")
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=settings["learning_rate"][0],
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        decay_biases=args.decay_biases,
+        patience=args.patience or None,
+        grad=args.grad,
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"runs/sweep-{Path(str(args.data)).stem}-{stamp}")
+    if (out / "results.csv").exists():
+        raise ValueError(f"--out {out} already holds a sweep; choose another folder")
+    dtype = jnp.dtype(args.dtype)
+    rows, member_rows, curves = [], [], []
+    best = None
+    for hidden in groups:
+        s = {**vars(args), "hidden": list(hidden), "keep_prob": 1.0}
+        net, y_tr, y_va, y_te = _network(s, ds, *extensions)
+        result = fsweep.fit_sweep(
+            net,
+            (ds.x_train, y_tr),
+            (ds.x_val, y_va),
+            config,
+            seeds=seeds,
+            dtype=dtype,
+            **settings,
+        )
+        arch = ",".join(map(str, hidden)) or "none"
+        group_rows = fsweep.summary(result)
+        for row in group_rows:
+            row["hidden"] = arch
+            row["seconds"] = result.train_seconds
+        rows += group_rows
+        loss, metric = result.best_values()
+        for m, member in enumerate(result.members):
+            member_rows.append(
+                {
+                    "hidden": arch,
+                    **member,
+                    "val_loss": float(loss[m]),
+                    f"val_{result.metric}": float(metric[m]),
+                    "best_epoch": int(result.best_epoch[m]),
+                    "epochs_run": int(result.epochs_run[m]),
+                    "stopped": result.stopped[m],
+                }
+            )
+        for row in group_rows:
+            # Mean over the seeds still running at each epoch.
+            block = result.val_loss[row["members"]]
+            running = np.sum(np.isfinite(block), axis=0)
+            total = np.sum(np.where(np.isfinite(block), block, 0.0), axis=0)
+            mean_curve = np.where(running > 0, total / np.maximum(running, 1), np.nan)
+            curves.append((_combo_label(row), mean_curve))
+        top = fsweep.best_row(group_rows)
+        if best is None or top["val_loss_mean"] < best[0]["val_loss_mean"]:
+            best = (top, net, result, y_te)
+        print(
+            f"group --hidden {arch}: {len(result.members)} members in one population, "
+            f"{result.train_seconds:.2f}s"
+        )
+    top, net, result, y_te = best
+    # The test set, once: the best combination's members (one per seed).
+    scores = [
+        evaluate(
+            net, jax.tree.map(lambda leaf, m=m: leaf[m], result.params), ds.x_test, y_te
+        )
+        for m in top["members"]
+    ]
+    metric = result.metric
+    test_values = np.array([sc[metric] for sc in scores])
+    best_json = {
+        "hidden": top["hidden"],
+        **{k: top[k] for k in fsweep.SWEPT},
+        "seeds": seeds,
+        "val_loss_mean": top["val_loss_mean"],
+        "val_loss_std": top["val_loss_std"],
+        f"test_{metric}_mean": float(np.mean(test_values)),
+        f"test_{metric}_std": float(np.std(test_values)),
+        f"test_{metric}_per_seed": test_values.tolist(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["hidden", *fsweep.SWEPT, "seeds"]
+    columns += [k for k in rows[0] if k not in columns and k != "members"]
+    _write_rows(out / "results.csv", rows, columns)
+    _write_rows(out / "members.csv", member_rows, list(member_rows[0]))
+    _write_text(out / "results.md", _markdown(rows, metric) + "\n")
+    _write_text(out / "best.json", json.dumps(best_json, indent=2) + "\n")
+    _plot_curves(out / "val_curves.png", curves, args.data)
+    print(_markdown(rows, metric))
+    print(
+        f"best: --hidden {top['hidden']} "
+        + " ".join(f"{k}={top[k]:g}" for k in fsweep.SWEPT)
+        + f" val_loss={top['val_loss_mean']:.4f}±{top['val_loss_std']:.4f} "
+        f"test_{metric}={np.mean(test_values):.4f}±{np.std(test_values):.4f} "
+        f"(over {len(seeds)} seeds) -> {out}"
+    )
+    return 0
+
+
+def _combo_label(row: dict) -> str:
+    from fnnet.sweep import SWEPT
+
+    short = {
+        "learning_rate": "lr",
+        "weight_decay": "wd",
+        "keep_prob": "p",
+        "noise_std": "noise",
+    }
+    return f"[{row['hidden']}] " + " ".join(
+        f"{short.get(k, k)}={row[k]:g}" for k in SWEPT
+    )
+
+
+def _markdown(rows: list[dict], metric: str) -> str:
+    from fnnet.sweep import SWEPT
+
+    head = ["hidden", "lr", "l2", "weight decay", "keep prob", "noise", "seeds"]
+    head += ["val loss", f"val {metric}", "best epoch", "epochs run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["hidden"], *(f"{r[k]:g}" for k in SWEPT), str(r["seeds"])]
+        cells += [
+            f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}",
+            f"{r[f'val_{metric}_mean']:.4f} ± {r[f'val_{metric}_std']:.4f}",
+            f"{r['best_epoch_mean']:.1f}",
+            f"{r['epochs_run_mean']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _plot_curves(path: Path, curves, title) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is an optional dependency
+        print(
+            "fnnet sweep: matplotlib not installed, no val_curves.png", file=sys.stderr
+        )
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, curve in curves:
+        epochs = np.arange(1, len(curve) + 1)
+        ax.plot(epochs, curve, label=label, linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation loss (mean over seeds)")
+    ax.set_title(f"fnnet sweep: {Path(str(title)).name}")
+    if len(curves) <= 12:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
