@@ -38,6 +38,7 @@ Run from the repository root:
     python experiments/benchmark.py --per-example --workloads small,medium
                                                     # per-example norms, clipping
     python experiments/benchmark.py --data-scale --data-scale-rows 100000,1000000
+    python experiments/benchmark.py --runs          # fnnet train overhead, sweeps
     python experiments/benchmark.py --workloads small,medium --no-peers \
         --baseline-rev b5dbbd5                      # no speed loss since b5dbbd5?
 
@@ -1815,6 +1816,12 @@ def main(argv: list[str] | None = None) -> int:
         "the issue's 100000,1000000,4000000)",
     )
     parser.add_argument(
+        "--runs",
+        action="store_true",
+        help="only whole runs: fnnet train's per-epoch overhead and sweeps against "
+        "runs one by one (experiments/runs_benchmark.py)",
+    )
+    parser.add_argument(
         "--baseline-rev",
         default=BASELINE_REV,
         metavar="REV",
@@ -1839,6 +1846,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.runs:
+        try:
+            from experiments import runs_benchmark
+        except ImportError:  # run as a script: experiments/ itself is on sys.path
+            import runs_benchmark
+        return runs_benchmark.main(["--quick"] if args.quick else [])
     if args.data_scale:
         try:
             from experiments import data_scale
