@@ -24,6 +24,7 @@ Run ``python experiments/benchmark.py --runs`` (or this file directly).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -89,14 +90,14 @@ def _compiled_epochs(net, config, ds, epochs: int):
     return run
 
 
-def _cli_train(epochs: int, folder: Path, extra=()):
+def _cli_train(epochs: int, folder: Path, main=cli.main, tag=""):
     count = iter(range(10**6))
 
     def run():
-        out = folder / f"e{epochs}-{next(count)}"
+        out = folder / f"{tag}e{epochs}-{next(count)}"
         argv = ["train", "--quiet", "--out", str(out), "--epochs", str(epochs)]
         with contextlib.redirect_stdout(io.StringIO()):
-            code = cli.main([*argv, "--patience", str(epochs), *extra])
+            code = main([*argv, "--patience", str(epochs)])
         if code != 0:
             raise RuntimeError(f"fnnet train {argv} exited {code}")
         return json.loads((out / "metrics.json").read_text())["train_seconds"]
@@ -104,8 +105,13 @@ def _cli_train(epochs: int, folder: Path, extra=()):
     return run
 
 
-def overhead(sizes: dict) -> dict:
-    """The per-epoch overhead of ``fnnet train`` (see the module docstring)."""
+def overhead(sizes: dict, before=None) -> dict:
+    """The per-epoch overhead of ``fnnet train`` (see the module docstring).
+
+    ``before``: optional ``fnnet`` package of another revision (see
+    ``benchmark.load_baseline``) whose ``fnnet train`` is timed in the same
+    rounds.
+    """
     ds, net, config = _defaults()
     e1, e2 = sizes["epochs"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,13 +120,18 @@ def overhead(sizes: dict) -> dict:
             "train_e1": _cli_train(e1, Path(tmp)),
             "train_e2": _cli_train(e2, Path(tmp)),
         }
+        if before is not None:
+            main = importlib.import_module(f"{before.__name__}.cli").main
+            runners["before_e1"] = _cli_train(e1, Path(tmp), main, "b")
+            runners["before_e2"] = _cli_train(e2, Path(tmp), main, "b")
         for run in runners.values():  # warm-up: compilation, caches
             run()
         times = {k: [] for k in runners}
         fit_seconds = []
         names = list(runners)
         for r in range(sizes["rounds"]):
-            for name in names[r % 3 :] + names[: r % 3]:
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
                 t0 = time.perf_counter()
                 value = runners[name]()
                 times[name].append(time.perf_counter() - t0)
@@ -131,7 +142,20 @@ def overhead(sizes: dict) -> dict:
         (b - a) / (e2 - e1)
         for a, b in zip(times["train_e1"], times["train_e2"], strict=True)
     ]
+    extra = {}
+    if before is not None:
+        old = [
+            (b - a) / (e2 - e1)
+            for a, b in zip(times["before_e1"], times["before_e2"], strict=True)
+        ]
+        extra = {
+            "before_epoch_ms": 1e3 * statistics.median(old),
+            "before_ratio": statistics.median(
+                o / p for o, p in zip(old, per_epoch, strict=True)
+            ),
+        }
     return {
+        **extra,
         "compiled_epoch_ms": 1e3 * statistics.median(per_epoch),
         "train_epoch_ms": 1e3 * statistics.median(marginal),
         "ratio": statistics.median(
@@ -198,10 +222,13 @@ def sweep_throughput(sizes: dict, processes: bool = True) -> dict:
     return result
 
 
-def report(over: dict, sw: dict) -> list[str]:
+def report(over: dict, sw: dict | None) -> list[str]:
     """The lines the benchmark prints and writes."""
     e1, e2 = over["epochs"]
-    verdict = "met" if over["ratio"] <= OVERHEAD_MAX else "MISSED"
+    if over["ratio"] <= 0:  # the fixed costs' noise swamped the epochs
+        verdict = "not measured: noise larger than the epochs' time"
+    else:
+        verdict = "met" if over["ratio"] <= OVERHEAD_MAX else "MISSED"
     lines = [
         f"fnnet train defaults on digits: {over['train_epoch_ms']:.3f} ms per epoch "
         f"(marginal, {e1} vs {e2} epochs) vs the compiled epoch alone "
@@ -211,6 +238,14 @@ def report(over: dict, sw: dict) -> list[str]:
         f"{over['train_e2_wall_s']:.2f} s (median of {over['rounds']} interleaved "
         "rounds, in-process, compiled functions warm)",
     ]
+    if "before_ratio" in over:
+        lines.append(
+            f"the same measure of `fnnet train` at {over['before_rev']} (before "
+            f"this loop), in the same rounds: {over['before_epoch_ms']:.3f} ms per "
+            f"epoch, ratio {over['before_ratio']:.2f}"
+        )
+    if sw is None:
+        return lines
     n, e = sw["members"], sw["epochs"]
     work = n * e
     lines.append(
@@ -239,11 +274,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-processes", action="store_true", help="skip the separate processes"
     )
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep")
+    parser.add_argument(
+        "--baseline-rev",
+        default=None,
+        metavar="REV",
+        help="also time fnnet train of this git revision in the overhead rounds",
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    over = overhead(sizes)
-    sw = sweep_throughput(sizes, processes=not args.no_processes)
+    before = None
+    if args.baseline_rev is not None:
+        try:
+            from experiments.benchmark import load_baseline
+        except ImportError:  # run as a script: experiments/ itself is on sys.path
+            from benchmark import load_baseline
+        loaded = load_baseline(args.baseline_rev, "fnnet_before")
+        before = loaded.package
+    over = overhead(sizes, before)
+    if before is not None:
+        over["before_rev"] = loaded.rev
+    sw = None
+    if not args.no_sweep:
+        sw = sweep_throughput(sizes, processes=not args.no_processes)
     for line in report(over, sw):
         print(line)
     end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
