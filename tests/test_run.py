@@ -380,7 +380,7 @@ HANG_ON_SAVE = """
 
     np.savez = savez
     main(["train", "--data", sys.argv[1], "--out", sys.argv[3], "--quiet",
-          "--hidden", "8", "--epochs", "50"])
+          "--hidden", "8", "--epochs", "50", "--checkpoint-every", "1"])
 """
 
 
