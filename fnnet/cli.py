@@ -1724,12 +1724,12 @@ def _plot(path: Path, history: list[dict], title: str) -> None:
 
 
 def number_list(flag: str, text: str, kind=float) -> list:
-    """A comma list of numbers (``1e-3,3e-3``); ValueError naming ``flag``."""
+    """A comma list of numbers (``1e-3,3e-3``); InputError naming ``flag``."""
     try:
         values = [kind(part) for part in str(text).split(",")]
     except ValueError:
         what, example = ("ints", "0,1,2") if kind is int else ("numbers", "1e-3,1e-2")
-        raise ValueError(
+        raise InputError(
             f"{flag} takes a comma list of {what} (e.g. {example}), got {text!r}"
         ) from None
     return values
@@ -1746,13 +1746,13 @@ def seed_list(text: str) -> list[int]:
             a = b = -1
         if 0 <= a <= b:
             return list(range(a, b + 1))
-        raise ValueError(
+        raise InputError(
             f"--seeds takes a range A-B with 0 <= A <= B (e.g. 0-7) or a comma "
             f"list of ints >= 0, got {text!r}"
         )
     seeds = number_list("--seeds", value, int)
     if min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct ints >= 0, got {text!r}")
+        raise InputError(f"--seeds must be distinct ints >= 0, got {text!r}")
     return seeds
 
 
@@ -1764,7 +1764,7 @@ def architectures(values: list[str]) -> list[tuple[int, ...]]:
             () if value in ("", "none") else tuple(number_list("--hidden", value, int))
         )
         if any(w < 1 for w in widths):
-            raise ValueError(f"--hidden widths must be positive ints, got {value!r}")
+            raise InputError(f"--hidden widths must be positive ints, got {value!r}")
         out.append(widths)
     return out
 
@@ -1839,8 +1839,9 @@ def _run_sweep(args) -> int:
     seeds = seed_list(args.seeds)
     groups = architectures(args.hidden)
     if args.patience < 0:
-        raise ValueError(f"--patience must be >= 0, got {args.patience}")
-    extensions = _extensions(args.activation, args.output, args.loss)
+        raise InputError(f"--patience must be >= 0, got {args.patience}")
+    with user_input(flag_of):
+        extensions = _extensions(args.activation, args.output, args.loss)
     task = None if args.task == "auto" else args.task
     ds = fdata.load_dataset(
         args.data,
@@ -1851,27 +1852,29 @@ def _run_sweep(args) -> int:
         seed=args.split_seed,
     )
     if len(ds.x_val) == 0:
-        raise ValueError("fnnet sweep needs a validation split (--val-fraction > 0)")
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=settings["learning_rate"][0],
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        decay_biases=args.decay_biases,
-        patience=args.patience or None,
-        grad=args.grad,
-    )
+        raise InputError("fnnet sweep needs a validation split (--val-fraction > 0)")
+    with user_input(flag_of):
+        config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=settings["learning_rate"][0],
+            optimizer=args.optimizer,
+            momentum=args.momentum,
+            decay_biases=args.decay_biases,
+            patience=args.patience or None,
+            grad=args.grad,
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/sweep-{Path(str(args.data)).stem}-{stamp}")
     if (out / "results.csv").exists():
-        raise ValueError(f"--out {out} already holds a sweep; choose another folder")
+        raise InputError(f"--out {out} already holds a sweep; choose another folder")
     dtype = jnp.dtype(args.dtype)
     rows, member_rows, curves = [], [], []
     best = None
     for hidden in groups:
         s = {**vars(args), "hidden": list(hidden), "keep_prob": 1.0}
-        net, y_tr, y_va, y_te = _network(s, ds, *extensions)
+        with user_input(flag_of):
+            net, y_tr, y_va, y_te = _network(s, ds, *extensions)
         result = fsweep.fit_sweep(
             net,
             (ds.x_train, y_tr),

@@ -32,18 +32,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnnet import core
+from fnnet.errors import InputError, InputTypeError
 from fnnet.network import MLP
 from fnnet.train import (
     EPOCHS_PER_CALL,
     NO_PATIENCE,
     Hyper,
     TrainConfig,
+    check_finite_data,
     init_carry,
     init_state,
     make_optimizer,
     metric_name,
     run_epochs,
+    to_device,
     unit_rate_optimizer,
 )
 from fnnet.types import Array, Params
@@ -188,18 +190,26 @@ def fit_sweep(
         values[name] = _values(name, seq, default)
     seeds = _seeds(seeds)
     if config.patience is not None and val is None:
-        raise ValueError("config.patience needs a validation split, got val=None")
+        raise InputError("config.patience needs a validation split, got val=None")
     if isinstance(epochs_per_call, bool) or not isinstance(epochs_per_call, int):
-        raise ValueError(
+        raise InputError(
             f"epochs_per_call must be a positive int, got {epochs_per_call!r}"
         )
     if epochs_per_call < 1:
-        raise ValueError(
+        raise InputError(
             f"epochs_per_call must be a positive int, got {epochs_per_call!r}"
+        )
+    if config.dp_clip is not None:
+        raise InputError(
+            "fit_sweep does not run DP-SGD (config.dp_clip is set); train DP runs "
+            "one by one with fit"
         )
     members = members_of(seeds, **values)
     for member in members:  # each member's settings pass the usual checks
-        single_run_settings(net, config, member)
+        try:
+            single_run_settings(net, config, member)
+        except (ValueError, TypeError) as err:  # the network's or the config's
+            raise InputError(str(err)) from err
     # The population's static switches: on when any member needs them.
     pop_net = dataclasses.replace(net, keep_prob=min(values["keep_prob"]))
     pop_config = dataclasses.replace(
@@ -214,9 +224,11 @@ def fit_sweep(
 
     params = _stack([net.init(jax.random.key(m["seed"]), dtype) for m in members])
     member0 = jax.tree.map(lambda leaf: leaf[0], params)
-    X, Y = core.prepare(net, member0, *net.validate(member0, *train, batch=True))
+    X, Y = to_device(net, member0, *net.validate(member0, *train, batch=True))
+    check_finite_data("train", X, Y)
     if val is not None:
-        val = core.prepare(net, member0, *net.validate(member0, *val))
+        val = to_device(net, member0, *net.validate(member0, *val))
+        check_finite_data("val", *val)
     keys = jnp.stack([jax.random.key(m["seed"]) for m in members])
     hypers = Hyper(
         *(jnp.asarray([float(m[name]) for m in members]) for name in Hyper._fields)
@@ -325,21 +337,21 @@ def _values(name: str, seq, default: float) -> list[float]:
     if seq is None:
         return [default]
     if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
-        raise ValueError(f"{name} must be a non-empty sequence of numbers, got {seq!r}")
+        raise InputError(f"{name} must be a non-empty sequence of numbers, got {seq!r}")
     out = []
     for v in seq:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} values must be numbers, got {v!r}")
+            raise InputTypeError(f"{name} values must be numbers, got {v!r}")
         out.append(float(v))
     return out
 
 
 def _seeds(seeds) -> list[int]:
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
-        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+        raise InputError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"seeds must be ints >= 0, got {s!r}")
+            raise InputError(f"seeds must be ints >= 0, got {s!r}")
     return list(seeds)
 
 
