@@ -1781,7 +1781,7 @@ def add_sweep_parser(sub) -> None:
             "population per group). Writes results.csv, results.md, members.csv, "
             "best.json and val_curves.png to --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", default="digits", help="bundled data set name or file")
     p.add_argument("--target", default=None, help="csv target column")
@@ -1801,22 +1801,46 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--output", default=None, help="output activation")
     p.add_argument("--loss", default=None, help="per-example loss")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--lr", default="1e-3", help="learning rates, comma list")
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=TRAIN_DEFAULTS["optimizer"]
+    )
+    p.add_argument(
+        "--lr",
+        default=str(TRAIN_DEFAULTS["learning_rate"]),
+        help="learning rates, comma list",
+    )
     p.add_argument("--l2", default="0", help="L2 strengths, comma list")
     p.add_argument("--weight-decay", default="0", help="weight decays, comma list")
     p.add_argument("--keep-prob", default="1", help="dropout keep probabilities")
     p.add_argument("--noise-std", default="0", help="input noise stds, comma list")
     p.add_argument("--seeds", default="0-4", help="seeds: A-B or a comma list")
-    p.add_argument("--momentum", type=float, default=0.9, help="momentum/nesterov")
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=TRAIN_DEFAULTS["momentum"],
+        help="momentum/nesterov",
+    )
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="maximum epochs")
-    p.add_argument("--batch-size", type=int, default=32, help="mini-batch size")
-    p.add_argument("--grad", choices=GRADS, default="hand", help="gradient source")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=TRAIN_DEFAULTS["batch_size"],
+        help="mini-batch size",
+    )
+    p.add_argument(
+        "--grad",
+        choices=GRADS,
+        default=TRAIN_DEFAULTS["grad"],
+        help="gradient source",
+    )
     p.add_argument(
         "--decay-biases", action="store_true", help="apply L2/decay to biases too"
     )
     p.add_argument(
-        "--patience", type=int, default=20, help="early stopping patience (0: off)"
+        "--patience",
+        type=int,
+        default=TRAIN_DEFAULTS["patience"] or 0,
+        help="early stopping patience (0: off)",
     )
     p.add_argument("--out", default=None, help="output folder (default runs/sweep-…)")
 
