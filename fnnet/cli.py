@@ -1785,7 +1785,12 @@ def add_sweep_parser(sub) -> None:
     )
     p.add_argument("--data", default="digits", help="bundled data set name or file")
     p.add_argument("--target", default=None, help="csv target column")
-    p.add_argument("--task", choices=("auto", *fdata.TASKS), default="auto")
+    p.add_argument(
+        "--task",
+        choices=("auto", *fdata.TASKS),
+        default="auto",
+        help="classification or regression (auto: from the targets)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.15, help="validation share")
     p.add_argument("--test-fraction", type=float, default=0.2, help="test share")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the data split")
@@ -1800,9 +1805,14 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--activation", default="relu", help="hidden activation")
     p.add_argument("--output", default=None, help="output activation")
     p.add_argument("--loss", default=None, help="per-example loss")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=TRAIN_DEFAULTS["optimizer"]
+        "--dtype", choices=("float32", "float64"), default="float32", help=DTYPE_HELP
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=TRAIN_DEFAULTS["optimizer"],
+        help="update rule",
     )
     p.add_argument(
         "--lr",
@@ -1842,7 +1852,9 @@ def add_sweep_parser(sub) -> None:
         default=TRAIN_DEFAULTS["patience"] or 0,
         help="early stopping patience (0: off)",
     )
-    p.add_argument("--out", default=None, help="output folder (default runs/sweep-…)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: runs/sweep-<data>-<time>)"
+    )
 
 
 def _sweep(args) -> int:

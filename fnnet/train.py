@@ -1227,7 +1227,11 @@ def fit(
       epochs_per_call: epochs run in one compiled call (:func:`run_epochs`):
         training, evaluation, early stopping and the gradient checks all
         happen on the device; the host waits for the device once per call.
-        Results do not depend on it.
+        Results do not depend on it. Runs that need the host between epochs
+        take one compiled epoch per call and the host's evaluation, with
+        the same numbers and the same checkpoint rules: DP-SGD
+        (``config.dp_clip``), ``log_noise_scale``, chunk sources (train or
+        val) and sets of more than ``EVAL_ROWS`` rows.
 
     DP-SGD: with ``config.dp_clip`` set, every step is
     :func:`dp_train_step` (Poisson batches, clipped per-example gradients,
