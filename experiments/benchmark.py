@@ -72,7 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnnet import MLP, core, train
+from fnnet import MLP, core, shuffle, train
 
 try:
     from experiments.report import update_block
@@ -413,7 +413,7 @@ def prototype_runner(wl: Workload, params, X, Y):
     @functools.partial(jax.jit, donate_argnums=0)
     def epoch(params, X, Y, key):
         nb = X.shape[0] // B
-        perm = jax.random.permutation(key, X.shape[0])[: nb * B]
+        perm = shuffle.permutation(key, X.shape[0])[: nb * B]
         Xb, Yb = X[perm].reshape(nb, B, -1), Y[perm].reshape(nb, B)
         return jax.lax.scan(step, params, (Xb, Yb))
 

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fnnet import backward as bw
 from fnnet import checkpoint as ckpt
-from fnnet import core, distributed, privacy
+from fnnet import core, distributed, privacy, shuffle
 from fnnet.core import metric_name
 from fnnet.errors import InputError
 from fnnet.network import MLP
@@ -419,12 +419,11 @@ def run_epoch(
     n = X.shape[0]
     B = min(config.batch_size, n)
     nb = n // B
-    k_perm, k_steps = jax.random.split(key)
+    _, k_steps = jax.random.split(key)
     # Only the indices are permuted; each step gathers its own B rows, so no
     # shuffled copy of the data is ever built (the batches are the same as
     # those of X[perm] cut into blocks of B).
-    perm = jax.random.permutation(k_perm, n)[: nb * B].reshape(nb, B)
-    perm = perm.astype(jnp.uint32)
+    perm = epoch_permutation(key, n, B)
     keys = jax.random.split(k_steps, nb) if _needs_key(net, config) else None
 
     def body(st, batch):
@@ -585,12 +584,16 @@ def run_epoch_jit(net, config, optimizer, state, X, Y, key, *, sharding=None):
 def epoch_permutation(key: Array, n: int, batch_size: int) -> Array:
     """The rows of each mini-batch in the epoch of ``key``, as run_epoch draws.
 
+    The first of ``jax.random.split(key)`` draws the order
+    (:func:`fnnet.shuffle.permutation`), the second the steps' keys.
+
     Returns:
-      (batches, B) row indices, ``B = min(batch_size, n)``, batches = n // B.
+      (batches, B) uint32 row indices, ``B = min(batch_size, n)``,
+      batches = n // B.
     """
     B = min(batch_size, n)
     k_perm, _ = jax.random.split(key)
-    return jax.random.permutation(k_perm, n)[: (n // B) * B].reshape(n // B, B)
+    return shuffle.permutation(k_perm, n)[: (n // B) * B].reshape(n // B, B)
 
 
 def run_batches(net, config, optimizer, state: TrainState, Xb, Yb, key):
