@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fnnet import hostarray
 from fnnet.errors import InputError
 from fnnet.npzfile import npz_problem
 
@@ -936,12 +937,12 @@ def load_dataset(
     x_mean, x_std, (x_tr, x_va, x_te) = standardize(x_tr, x_va, x_te)
     if task == "regression":
         y_mean, y_std, (y_tr, y_va, y_te) = standardize(y_tr, y_va, y_te)
-        y_tr, y_va, y_te = (a.astype(np.float32) for a in (y_tr, y_va, y_te))
+        y_tr, y_va, y_te = (hostarray.array(a, np.float32) for a in (y_tr, y_va, y_te))
     else:
         y_mean = y_std = np.zeros((0,), np.float64)
 
-    def f32(a):
-        return np.asarray(a, dtype=np.float32)
+    def f32(a):  # aligned, so that a CPU device shares it (fnnet.hostarray)
+        return hostarray.array(a, np.float32)
 
     return Dataset(
         name=name,

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fnnet import backward as bw
 from fnnet import checkpoint as ckpt
-from fnnet import core, distributed, privacy, shuffle
+from fnnet import core, distributed, hostarray, privacy, shuffle
 from fnnet.core import metric_name
 from fnnet.errors import InputError
 from fnnet.network import MLP
@@ -793,15 +793,17 @@ def _evaluate_prepared(net, params, X, Y) -> dict[str, float]:
 def to_device(net: MLP, params: Params, x, y):
     """Checked (x, y) as device arrays in the parameters' dtype, copied once.
 
-    ``jax.device_put`` copies host data once; ``jnp.asarray`` of a NumPy array
-    would hold a second temporary copy. Host features in another dtype are
-    converted on the host first, so the device never holds both dtypes.
+    ``jax.device_put`` copies host data at most once; ``jnp.asarray`` of a
+    NumPy array would hold a second temporary copy. On the CPU backend an
+    aligned host array (:mod:`fnnet.hostarray`) is not copied at all: the
+    device array uses its memory. Host arrays in another dtype are converted
+    on the host into aligned memory, so the device never holds both dtypes.
     """
     dtype = params[0]["W"].dtype
     if isinstance(x, np.ndarray) and x.dtype != dtype:
-        x = x.astype(dtype)
+        x = hostarray.array(x, dtype)
     if isinstance(y, np.ndarray) and y.dtype.kind == "f" and y.dtype != dtype:
-        y = y.astype(dtype)
+        y = hostarray.array(y, dtype)
     return core.prepare(net, params, *jax.device_put((x, y)))
 
 
