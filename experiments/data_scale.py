@@ -2,25 +2,24 @@
 
 The workload of issue "data at scale": a 100-64-2 ReLU network, softmax and
 cross-entropy, Adam, batch 256, float32, N synthetic rows of 100 features.
-Each N runs in a FRESH process (peak RSS is a per-process high-water mark):
 
-* peak RSS (``VmHWM``, else ``ru_maxrss``) over data generation and a
-  ``fit`` of ``--epochs`` epochs (training plus the per-epoch evaluations);
-* a runtime baseline: the same run on 1,024 rows, so ``peak - baseline`` is
-  what the data costs;
-* steady time per step: the compiled epoch (``run_epoch_jit``) on the
-  prepared arrays, median over ``--rounds`` epochs after ``fit`` warmed it.
-
-The processes run one after the other, so the step-time ratio between the
-largest and the smallest N (the target: within 10%) carries the machine's
-drift between them; rerun on a busy machine.
+* Peak RSS: each N runs ``fit`` for ``--epochs`` epochs in a FRESH process
+  (peak RSS, ``VmHWM``, is a per-process high-water mark), twice: once on
+  plain NumPy arrays (the CPU backend copies them to the device, so the data
+  is held twice) and once on arrays from :mod:`fnnet.hostarray` (aligned, so
+  the CPU device array shares the host memory). A 1,024-row run gives the
+  runtime's own footprint (baseline).
+* Time per step: ONE process holds every N's data and runs the compiled
+  epoch (``run_epoch_jit``) on each N in turn, ``--rounds`` times round
+  robin after a warm-up epoch each; the median epoch time / steps per epoch.
+  The ratio between the largest and smallest N (target: within 10%) is thus
+  measured side by side, not across processes started minutes apart.
 
 Run from the repository root (also ``python experiments/benchmark.py
 --data-scale``):
 
     python experiments/data_scale.py                        # 50k and 500k rows
     python experiments/data_scale.py --rows 100000,1000000,4000000
-    python experiments/data_scale.py --device-data     # fit given a device array
     python experiments/data_scale.py --stream 400000   # arrays vs streamed .npy
 
 Prints a table and writes ``data_scale_<platform>.md`` to ``--out``.
@@ -41,9 +40,10 @@ OUT_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_ROWS = (50_000, 500_000)
 BASELINE_ROWS = 1024
 FEATURES, HIDDEN, CLASSES, BATCH = 100, 64, 2, 256
-EPOCHS, ROUNDS = 2, 3
+EPOCHS, ROUNDS = 1, 5
 PEAK_MAX = 2.2  # peak RSS / data: the data plus 1.2x the data
 STEP_RATIO_MAX = 1.10
+HOSTS = ("numpy", "aligned")
 
 
 def _peak_mib() -> float:
@@ -56,61 +56,104 @@ def _peak_mib() -> float:
     return peak / 1024 if sys.platform == "darwin" else peak
 
 
-def point(n: int, epochs: int, rounds: int, device_data: bool = False) -> dict:
-    """One N, in this process: data MiB, peak RSS MiB, µs per step.
+def synthetic(n: int, host: str = "aligned", seed: int = 0):
+    """n rows: x standard normal float32 (n, FEATURES), y = [x0 + x1 > 0].
 
-    ``device_data``: hand ``fit`` a device array and drop the NumPy copy
-    first (the way to hold the data once on a CPU).
+    ``host``: "numpy" (NumPy's own allocation) or "aligned"
+    (:func:`fnnet.hostarray.empty`, filled in place); the values are the same.
     """
+    import numpy as np
+
+    from fnnet import hostarray
+
+    rng = np.random.default_rng(seed)
+    if host == "numpy":
+        x = rng.standard_normal((n, FEATURES), dtype=np.float32)
+    else:
+        x = hostarray.empty((n, FEATURES), np.float32)
+        rng.standard_normal(dtype=np.float32, out=x)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
+    return x, y
+
+
+def _setup():
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from fnnet import MLP, train
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, FEATURES), dtype=np.float32)
-    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
-    data_mib = (x.nbytes + y.nbytes) / 2**20
-    if device_data:
-        x = jax.block_until_ready(jax.device_put(x))
     net = MLP(sizes=(FEATURES, HIDDEN, CLASSES), output="softmax", loss="cross_entropy")
     params = net.init(jax.random.key(0), jnp.float32)
     config = train.TrainConfig(
-        epochs=epochs,
-        batch_size=BATCH,
-        optimizer="adam",
-        learning_rate=1e-3,
-        patience=None,
+        batch_size=BATCH, optimizer="adam", learning_rate=1e-3, patience=None
     )
+    return net, params, config
+
+
+def point(n: int, epochs: int, host: str) -> dict:
+    """One N, in this process: data MiB and peak RSS MiB over ``fit``."""
+    import dataclasses
+
+    from fnnet import train
+
+    x, y = synthetic(n, host)
+    data_mib = (x.nbytes + y.nbytes) / 2**20
+    net, params, config = _setup()
+    config = dataclasses.replace(config, epochs=epochs)
     result = train.fit(net, params, (x, y), None, config)
-    peak = _peak_mib()
-
-    if hasattr(train, "to_device"):
-        X, Y = train.to_device(net, params, x, y)
-    else:  # an fnnet from before it (PYTHONPATH=<older checkout>), to compare
-        from fnnet import core
-
-        X, Y = core.prepare(net, params, x, y)
-    opt = train.make_optimizer(config)
-    state = result.state  # donated to the timed epochs; fit is done with it
-    steps, times = n // BATCH, []
-    for r in range(rounds + 1):
-        key = train.epoch_key(jax.random.key(1), r + 1)
-        start = time.perf_counter()
-        state, losses, ok = train.run_epoch_jit(
-            net, config.step_part(), opt, state, X, Y, key
-        )
-        jax.block_until_ready(losses)
-        if r:  # the first round settles caches
-            times.append(time.perf_counter() - start)
     return {
         "rows": n,
+        "host": host,
         "data_mib": data_mib,
-        "peak_mib": peak,
-        "us_per_step": 1e6 * statistics.median(times) / steps,
-        "finite": bool(ok),
+        "peak_mib": _peak_mib(),
+        "finite": all(map(_finite, result.history)),
     }
+
+
+def _finite(record: dict) -> bool:
+    return all(v == v and abs(v) != float("inf") for v in record.values())
+
+
+def step_times(rows: list[int], rounds: int) -> tuple[dict[int, float], float]:
+    """µs per step of the compiled epoch for every N, interleaved in one process.
+
+    Each round times every N in turn over the same number of rows (the
+    largest N's; ``max(rows) // N`` epochs of a smaller N), so each N is
+    timed over a window of similar length and drift between rounds cancels
+    in the per-round ratios. Returns ``({N: median µs per step}, median over
+    rounds of (µs per step at the largest N) / (at the smallest N))``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from fnnet import train
+
+    net, params, config = _setup()
+    opt = train.make_optimizer(config)
+    step = config.step_part()
+    data = {n: train.to_device(net, params, *synthetic(n)) for n in rows}
+    # Each state is donated to its epochs, so each N gets its own copy.
+    states = {n: train.init_state(jax.tree.map(jnp.copy, params), opt) for n in rows}
+    us: dict[int, list[float]] = {n: [] for n in rows}
+    base, epoch = jax.random.key(1), 0
+    for r in range(rounds + 1):
+        for n in rows:
+            reps = 1 if r == 0 else max(1, max(rows) // n)  # round 0 compiles
+            start = time.perf_counter()
+            for _ in range(reps):
+                epoch += 1
+                states[n], losses, _ = train.run_epoch_jit(
+                    net, step, opt, states[n], *data[n], train.epoch_key(base, epoch)
+                )
+            jax.block_until_ready(losses)
+            if r:
+                us[n].append(
+                    1e6 * (time.perf_counter() - start) / (reps * (n // BATCH))
+                )
+    ratio = statistics.median(
+        a / b for a, b in zip(us[max(rows)], us[min(rows)], strict=True)
+    )
+    return {n: statistics.median(v) for n, v in us.items()}, ratio
 
 
 def _write_table(path: Path, n: int, seed: int = 0) -> None:
@@ -205,60 +248,72 @@ def stream_cost(n: int, chunk_rows: int, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(rows: list[int], epochs: int, rounds: int, device_data=False) -> list[dict]:
-    """Every N (and the baseline) in its own process; one record each."""
+def peaks(rows: list[int], epochs: int) -> list[dict]:
+    """Every N (and the baseline), each host kind, in its own process."""
     out = []
-    flag = ["--device-data"] if device_data else []
     for n in [BASELINE_ROWS, *rows]:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(n), "--epochs", str(epochs),
-             "--rounds", str(rounds), *flag],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(f"N={n} failed:\n{proc.stderr[-3000:]}")
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = out[-1]
-        print(
-            f"   N={n:>9,}: data {r['data_mib']:8.1f} MiB, peak RSS "
-            f"{r['peak_mib']:8.1f} MiB, {r['us_per_step']:7.1f} µs/step",
-            flush=True,
-        )
+        for host in HOSTS:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", str(n), "--epochs", str(epochs),
+                 "--host", host],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"N={n} ({host}) failed:\n{proc.stderr[-3000:]}")
+            out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = out[-1]
+            print(
+                f"   N={n:>9,} {host:>7}: data {r['data_mib']:8.1f} MiB, "
+                f"peak RSS {r['peak_mib']:8.1f} MiB",
+                flush=True,
+            )
     return out
 
 
-def report(records: list[dict], epochs: int, rounds: int) -> str:
-    base, points = records[0], records[1:]
+def report(records, us: dict[int, float], ratio: float, epochs: int, rounds: int):
+    peak = {(r["rows"], r["host"]): r["peak_mib"] for r in records}
+    data = {r["rows"]: r["data_mib"] for r in records}
+    rows = sorted(us)
+    base = {h: peak[BASELINE_ROWS, h] for h in HOSTS}
     lines = [
-        f"fit of {epochs} epochs, {FEATURES}-{HIDDEN}-{CLASSES} ReLU, Adam, batch "
-        f"{BATCH}, float32; each N in a fresh process; runtime baseline "
-        f"(N={BASELINE_ROWS:,}) peak RSS {base['peak_mib']:.0f} MiB.",
+        f"fit of {epochs} epoch(s), {FEATURES}-{HIDDEN}-{CLASSES} ReLU, Adam, batch "
+        f"{BATCH}, float32. Peak RSS: each N and host kind in a fresh process; "
+        f"runtime baseline (N={BASELINE_ROWS:,}) {base['numpy']:.0f} / "
+        f"{base['aligned']:.0f} MiB. Time per step: every N in one process, "
+        f"{rounds} rounds, each timing every N over {rows[-1]:,} rows (median); "
+        "the ratio is the median of the per-round ratios.",
         "",
-        "| N | data MiB | peak RSS MiB | peak / data | (peak - baseline) / data "
-        "| µs per step | x smallest N |",
-        "|--:|--:|--:|--:|--:|--:|--:|",
+        "| N | data MiB | peak RSS, NumPy arrays | / data | peak RSS, aligned "
+        "arrays | / data | µs per step | x smallest N |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    first = points[0]["us_per_step"]
-    for r in points:
-        above = (r["peak_mib"] - base["peak_mib"]) / r["data_mib"]
+    for n in rows:
+        d = data[n]
         lines.append(
-            f"| {r['rows']:,} | {r['data_mib']:.1f} | {r['peak_mib']:.0f} | "
-            f"{r['peak_mib'] / r['data_mib']:.2f} | {above:.2f} | "
-            f"{r['us_per_step']:.1f} | {r['us_per_step'] / first:.3f} |"
+            f"| {n:,} | {d:.1f} | {peak[n, 'numpy']:.0f} | "
+            f"{peak[n, 'numpy'] / d:.2f} | {peak[n, 'aligned']:.0f} | "
+            f"{peak[n, 'aligned'] / d:.2f} | {us[n]:.1f} | {us[n] / us[rows[0]]:.3f} |"
         )
-    last = points[-1]
-    ratio = last["us_per_step"] / first
-    verdict = "met" if ratio <= STEP_RATIO_MAX else "MISSED"
+    last = rows[-1]
+
+    def verdict(ok):
+        return "met" if ok else "MISSED"
+
     lines += [
         "",
-        f"- step time at N={last['rows']:,} / N={points[0]['rows']:,}: {ratio:.3f} "
-        f"(target <= {STEP_RATIO_MAX}): {verdict}",
-        f"- peak RSS / data at N={last['rows']:,}: "
-        f"{last['peak_mib'] / last['data_mib']:.2f} (target <= {PEAK_MAX}, "
-        "runtime included): "
-        f"{'met' if last['peak_mib'] <= PEAK_MAX * last['data_mib'] else 'MISSED'}",
-        f"- {rounds} timed epochs per N (median), after {epochs} epochs of fit.",
+        f"- step time at N={last:,} / N={rows[0]:,} (median per-round ratio): "
+        f"{ratio:.3f} (target <= "
+        f"{STEP_RATIO_MAX}): {verdict(ratio <= STEP_RATIO_MAX)}",
     ]
+    for host, what in (
+        ("aligned", "aligned arrays (fnnet.hostarray, shared by the CPU device)"),
+        ("numpy", "NumPy arrays (copied to the device)"),
+    ):
+        p = peak[last, host] / data[last]
+        lines.append(
+            f"- peak RSS / data at N={last:,}, {what}: {p:.2f} (target <= "
+            f"{PEAK_MAX}, runtime included): {verdict(p <= PEAK_MAX)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -272,11 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of fit")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="timed epochs")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="results folder")
-    parser.add_argument(
-        "--device-data",
-        action="store_true",
-        help="give fit a device array and drop the NumPy copy (data held once)",
-    )
+    parser.add_argument("--host", choices=HOSTS, help=argparse.SUPPRESS)
     parser.add_argument(
         "--stream",
         type=int,
@@ -290,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        rec = point(args.child, args.epochs, args.rounds, args.device_data)
-        print(json.dumps(rec))
+        print(json.dumps(point(args.child, args.epochs, args.host)))
         return 0
     if args.stream is not None:
         print(f"== streaming cost: {args.stream:,} rows")
@@ -299,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = [int(r) for r in args.rows.split(",")]
     print(f"== data scale: N = {', '.join(f'{n:,}' for n in rows)}")
-    records = run(rows, args.epochs, args.rounds, args.device_data)
-    text = report(records, args.epochs, args.rounds)
-    if args.device_data:
-        text = "Data handed to fit as a device array (NumPy copy dropped).\n\n" + text
+    records = peaks(rows, args.epochs)
+    us, ratio = step_times(rows, args.rounds)
+    for n in rows:
+        print(f"   N={n:>9,}: {us[n]:7.1f} µs/step")
+    text = report(records, us, ratio, args.epochs, args.rounds)
     print(text)
     import jax
 
