@@ -319,8 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="classification or regression; auto infers it from the targets",
     )
-    g.add_argument("--val-fraction", type=float, default=0.15, help="validation share")
-    g.add_argument("--test-fraction", type=float, default=0.2, help="test share")
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=fdata.VAL_FRACTION,
+        help="validation share",
+    )
+    g.add_argument(
+        "--test-fraction", type=float, default=fdata.TEST_FRACTION, help="test share"
+    )
     g.add_argument(
         "--chunk-rows",
         type=_positive_int,
@@ -1791,8 +1798,15 @@ def add_sweep_parser(sub) -> None:
         default="auto",
         help="classification or regression (auto: from the targets)",
     )
-    p.add_argument("--val-fraction", type=float, default=0.15, help="validation share")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="test share")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=fdata.VAL_FRACTION,
+        help="validation share",
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=fdata.TEST_FRACTION, help="test share"
+    )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the data split")
     p.add_argument(
         "--hidden",

@@ -54,6 +54,9 @@ BUILTIN = {
 #: Fewest rows a file may have: a train, a validation and a test split need a
 #: few rows each.
 MIN_ROWS = 5
+#: The default shares of the validation and test splits (here, in
+#: fnnet.stream and in the CLI).
+VAL_FRACTION, TEST_FRACTION = 0.15, 0.2
 
 #: Task inference: integer-valued (or string) 1-D targets with at most this
 #: many distinct values are class labels; anything else is regression.
@@ -283,12 +286,6 @@ def load_csv(path, *, target=None, task: str | None = None, dtype=None):
     _check_file(path)
     rows, lines = _read_csv_rows(path)
     width = len(rows[0])
-    for row, line in zip(rows, lines, strict=True):
-        if len(row) != width:
-            raise DataError(
-                f"{path}: ragged rows: line {line} has {len(row)} cells, "
-                f"expected {width} (as on line {lines[0]})"
-            )
     if width < 2:
         raise DataError(
             f"{path}: needs at least 2 columns (features and a target); found {width}"
@@ -459,7 +456,7 @@ def _check_file(path: str) -> None:
 
 
 def _read_csv_rows(path: str) -> tuple[list[list[str]], list[int]]:
-    """Non-blank rows of a CSV file and the line number each starts on."""
+    """Non-blank rows of a CSV file, all of one width, and their line numbers."""
     rows, lines = [], []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -478,6 +475,13 @@ def _read_csv_rows(path: str) -> tuple[list[list[str]], list[int]]:
         raise DataError(f"{path}: malformed CSV ({e})") from e
     if not rows:
         raise DataError(f"{path}: empty file: no rows")
+    width = len(rows[0])
+    for row, line in zip(rows, lines, strict=True):
+        if len(row) != width:
+            raise DataError(
+                f"{path}: ragged rows: line {line} has {len(row)} cells, "
+                f"expected {width} (as on line {lines[0]})"
+            )
     return rows, lines
 
 
@@ -732,8 +736,8 @@ def split(
     y,
     *,
     task: str,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.2,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
     seed: int = 0,
 ):
     """Shuffled train/validation/test split; stratified for classification.
@@ -887,8 +891,8 @@ def load_dataset(
     *,
     target=None,
     task: str | None = None,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.2,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
     seed: int = 0,
 ) -> Dataset:
     """Loads, checks, splits and standardizes a data set.
@@ -1117,12 +1121,6 @@ def load_csv_features(
     _check_file(path)
     rows, lines = _read_csv_rows(path)
     width = len(rows[0])
-    for row, line in zip(rows, lines, strict=True):
-        if len(row) != width:
-            raise DataError(
-                f"{path}: ragged rows: line {line} has {len(row)} cells, "
-                f"expected {width} (as on line {lines[0]})"
-            )
     D = num_features
     first = [cell.strip() for cell in rows[0]]
     text_at = [j for j, c in enumerate(first) if _float_or_none(c) is None]

@@ -52,7 +52,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fnnet.data import MAX_INFERRED_CLASSES, MIN_ROWS, TASKS, DataError
+from fnnet.data import (
+    MAX_INFERRED_CLASSES,
+    MIN_ROWS,
+    TASKS,
+    TEST_FRACTION,
+    VAL_FRACTION,
+    DataError,
+)
 
 #: Default chunk size of ``fnnet train`` in rows.
 DEFAULT_CHUNK_ROWS = 65536
@@ -454,8 +461,8 @@ def open_stream(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     task: str | None = None,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.2,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
     seed: int = 0,
 ) -> StreamData:
     """Open a data set for streaming: one checking pass, splits and statistics.
