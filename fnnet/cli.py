@@ -183,6 +183,10 @@ class ListFlag(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.parse(values))
+
+    def parse(self, values: list[str]):
+        """The flag's value from its tokens (ArgumentError naming a bad one)."""
         items = []
         for token in values:
             parts = token.split(",")
@@ -193,14 +197,24 @@ class ListFlag(argparse.Action):
                 )
             items += parts
         if self.item == "int":
-            setattr(namespace, self.dest, [int(v) for v in items])
-        else:
-            setattr(namespace, self.dest, ",".join(items))
+            return [int(v) for v in items]
+        return ",".join(items)
 
     def _ok(self, part: str) -> bool:
         if self.item == "name":
             return bool(part.strip()) and part == part.strip()
         return part.isdigit() and int(part) >= 1
+
+
+class ListsFlag(ListFlag):
+    """A :class:`ListFlag` given once per list: ``--hidden 64 64 --hidden 128``
+    is ``[[64, 64], [128]]``. Its default should be None (argparse would
+    append to a default list).
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        lists = getattr(namespace, self.dest) or []
+        setattr(namespace, self.dest, [*lists, self.parse(values)])
 
 
 def _non_negative_int(text: str) -> int:
@@ -1763,19 +1777,6 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
-def architectures(values: list[str]) -> list[tuple[int, ...]]:
-    """``--hidden 128 64,64``: one architecture per value, widths comma-separated."""
-    out = []
-    for value in values:
-        widths = (
-            () if value in ("", "none") else tuple(number_list("--hidden", value, int))
-        )
-        if any(w < 1 for w in widths):
-            raise InputError(f"--hidden widths must be positive ints, got {value!r}")
-        out.append(widths)
-    return out
-
-
 def add_sweep_parser(sub) -> None:
     p = sub.add_parser(
         "sweep",
@@ -1784,9 +1785,9 @@ def add_sweep_parser(sub) -> None:
             "Train every combination of --seeds and the comma lists of --lr, --l2, "
             "--weight-decay, --keep-prob and --noise-std in one compiled call per "
             "epochs, each member with its own early stopping. The data are split "
-            "once (--split-seed). Each --hidden architecture is its own group (one "
-            "population per group). Writes results.csv, results.md, members.csv, "
-            "best.json and val_curves.png to --out."
+            "once (--split-seed). Each --hidden flag is an architecture and its "
+            "own group (one population per group). Writes results.csv, results.md, "
+            "members.csv, best.json and val_curves.png to --out."
         ),
         formatter_class=HelpFormatter,
     )
@@ -1810,11 +1811,14 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the data split")
     p.add_argument(
         "--hidden",
-        nargs="+",
-        default=["128"],
-        metavar="W[,W...]",
-        help="architectures, one per value, widths comma-separated, e.g. "
-        "--hidden 128 64,64 (each is a separate group)",
+        action=ListsFlag,
+        nargs="*",
+        default=None,
+        metavar="M",
+        help="hidden layer widths as for fnnet train (--hidden 64,64 or --hidden "
+        "64 64: two layers; --hidden alone: a linear model); repeat the flag to "
+        "sweep architectures, one group each: --hidden 128 --hidden 64,64 "
+        "(default: 128)",
     )
     p.add_argument("--activation", default="relu", help="hidden activation")
     p.add_argument("--output", default=None, help="output activation")
@@ -1887,7 +1891,7 @@ def _run_sweep(args) -> int:
         "noise_std": number_list("--noise-std", args.noise_std),
     }
     seeds = seed_list(args.seeds)
-    groups = architectures(args.hidden)
+    groups = [tuple(h) for h in (args.hidden or [[128]])]
     if args.patience < 0:
         raise InputError(f"--patience must be >= 0, got {args.patience}")
     with user_input(flag_of):

@@ -15,7 +15,7 @@ network and config). The members read their settings as traced values
 member's numbers as a run without it would have them.
 
 Settings that change shapes (widths, depth) cannot share one ``vmap``:
-run one sweep per architecture (``fnnet sweep --hidden 128 64,64`` does
+run one sweep per architecture (``fnnet sweep --hidden 128 --hidden 64,64`` does
 that, group by group).
 """
 

@@ -151,10 +151,26 @@ def test_cli_sweep_writes_the_table_the_plot_and_the_best(tmp_path, capsys):
     assert (out / "val_curves.png").stat().st_size > 0
 
 
-def test_cli_sweep_groups_one_per_hidden_value():
-    from fnnet.cli import architectures
+def test_cli_sweep_reads_hidden_as_train_does_and_groups_per_flag():
+    from fnnet.cli import build_parser
 
-    assert architectures(["4", "3,3", "none"]) == [(4,), (3, 3), ()]
+    def hidden(*flags):
+        return build_parser().parse_args(["sweep", *flags]).hidden
+
+    assert hidden() is None  # the sweep's default: [[128]]
+    assert hidden("--hidden", "64", "64") == [[64, 64]]  # two layers, as in train
+    assert hidden("--hidden", "64,64") == [[64, 64]]
+    assert hidden("--hidden", "4", "--hidden", "3,3", "--hidden") == [[4], [3, 3], []]
+
+
+def test_cli_sweep_bad_hidden_exits_2_naming_the_flag(capsys):
+    from fnnet.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--hidden", "4", "--hidden", "4,0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --hidden: expected comma-separated positive integers" in err
 
 
 @pytest.mark.parametrize(
@@ -162,7 +178,6 @@ def test_cli_sweep_groups_one_per_hidden_value():
     [
         (["--lr", "1e-3,x"], "--lr takes a comma list of numbers"),
         (["--seeds", "3-1"], "--seeds takes a range A-B"),
-        (["--hidden", "4,0"], "--hidden widths must be positive ints"),
         (["--keep-prob", "0"], r"keep_prob must be a float in \(0, 1\]"),
     ],
 )
