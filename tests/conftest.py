@@ -6,6 +6,17 @@ raises and dtype promotion is strict, so no (n,) vs (n, 1) broadcast or silent
 upcast slips through the library.
 """
 
+import os
+
+# Compiling dominates this suite's time (many small programs, each compiled
+# once), and XLA's optimizing passes are most of each compile: the suite
+# skips them, as ``python -m experiments --quick`` does. The numbers are the
+# same operations, unfused. Set through the environment, so that the
+# subprocesses tests start (the CLI, several devices or processes) inherit
+# it; FNNET_XLA_OPTIMIZE=1 runs the suite with XLA's defaults.
+if os.environ.get("FNNET_XLA_OPTIMIZE", "0") != "1":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import jax
 import pytest
 from budget import DEEP_FACTOR, PROFILE, examples

@@ -77,6 +77,7 @@ BLOCKS = python_blocks(README.read_text())
 def _env() -> dict:
     env = dict(os.environ)
     env.pop("JAX_ENABLE_X64", None)  # a fresh machine's default
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # likewise (tests/conftest.py)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), env.get("PYTHONPATH")) if p
     )
