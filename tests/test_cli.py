@@ -258,7 +258,7 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
     # last complete one, and --resume finishes the run.
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fnnet", "train", "--out", str(out), "--quiet"]
-    cmd += ["--hidden", "64", "--epochs", "400", "--patience", "400"]
+    cmd += ["--hidden", "16", "--epochs", "400", "--patience", "400"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE

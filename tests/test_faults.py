@@ -4,7 +4,9 @@ Library cases run in process. Command-line cases run the real ``fnnet``
 entry point in subprocesses, each case its own process; independent cases
 are started together to share the wait. The faults are real: a read-only
 folder (chmod, and ``chattr +i`` for root, whom permissions do not stop),
-SIGINT sent to a running process, two runs on one folder at once.
+SIGINT sent to a running process, two runs on one folder at once. Resuming
+a run that a signal stopped needs no process of its own: those checks call
+``fnnet.cli.main``.
 """
 
 import io
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 
 import fnnet
-from fnnet import checkpoint, data
+from fnnet import checkpoint, cli, data
 from fnnet.train import TrainConfig, evaluate, fit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -333,7 +335,7 @@ def _wait_for_checkpoint(proc, path, epochs=1, timeout=120):
     raise AssertionError(f"no checkpoint: {proc.poll()} {proc.communicate()}")
 
 
-def test_cli_lock_sigint_resume_checks_and_write_failure(tmp_path):
+def test_cli_lock_sigint_resume_checks_and_write_failure(tmp_path, monkeypatch, capsys):
     """Classes 4 (lock), 5 (resume checks), 8 (SIGINT) and 7 (a write fails
     mid-run), on two real runs started together."""
     _csv(tmp_path / "d.csv", _classes())
@@ -365,18 +367,25 @@ def test_cli_lock_sigint_resume_checks_and_write_failure(tmp_path):
     assert command == ["fnnet", "train", "--resume", "run"]
     settings = json.loads((run / "config.json").read_text())  # the run's own
     assert settings["fingerprint"]["rows"] == [20, 4, 6] and settings["lr"] == 0.001
+    # The resumes below need no process of their own (no signal, no lock
+    # held): the printed command runs through fnnet.cli.main in this one.
+    monkeypatch.chdir(tmp_path)
+
+    def resume(*flags):
+        code = cli.main([*command[1:], *flags])
+        return code, capsys.readouterr().err
+
     # 5: a changed data file is refused, naming the change; a flag that
     # differs from the saved setting is an error.
     original = (tmp_path / "d.csv").read_text()
     (tmp_path / "d.csv").write_text(original + "0.5,0.5,1\n")
-    changed = _start(tmp_path, *command[2:], "--quiet")
-    code, _, err = _finish(_start(tmp_path, *command[2:], "--lr", "0.5"))
+    code, err = resume("--lr", "0.5")
     assert code == 2 and "--lr 0.5 (saved: 0.001)" in err, err
-    code, _, err = _finish(changed)
+    code, err = resume("--quiet")
     assert code == 2 and "the data changed since the run started" in err, err
     (tmp_path / "d.csv").write_text(original)
     # 5: --epochs is applied and reported; the printed command resumes.
-    code, _, err = _finish(_start(tmp_path, *command[2:], "--epochs", str(epoch + 1)))
+    code, err = resume("--epochs", str(epoch + 1))
     assert code == 0, err
     assert f"--epochs changed from 100000 to {epoch + 1}" in err
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == epoch + 1
