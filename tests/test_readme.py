@@ -6,7 +6,7 @@ with the repository on PYTHONPATH. So a float64 example that lacks its
 ``jax.config.update("jax_enable_x64", True)`` line fails here. A block whose
 first line is ``# needs: torch`` is skipped when torch is not installed; one
 whose first line is ``# needs: run`` gets a small run folder ``run/`` (made
-once with ``fnnet train --data digits --epochs 2 --out run``). The worked
+once per session with ``fnnet train --data digits --epochs 2 --out run``). The worked
 examples (``<!-- example:NAME -->`` followed by a ```text block) must print
 exactly what the README shows.
 
@@ -15,6 +15,7 @@ and docstring and the flags of ``fnnet train``.
 """
 
 import dataclasses
+import fcntl
 import importlib.util
 import os
 import pathlib
@@ -85,18 +86,31 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    """A small finished training run, made once for the blocks that need one."""
-    where = tmp_path_factory.mktemp("readme-run")
-    subprocess.run(
-        [sys.executable, *RUN_COMMAND],
-        cwd=where,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+def run_folder(tmp_path_factory, worker_id):
+    """A small finished training run, made once for the blocks that need one.
+
+    Once per session: under pytest-xdist the first worker to ask makes it in
+    the session's shared temporary folder, and the others wait for it (a
+    lock) and reuse it. Blocks copy it, so none changes another's.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # this session's folder, above each worker's own
+    where = root / "readme-run"
+    with open(root / "readme-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (where / "run" / "metrics.json").exists():
+            shutil.rmtree(where, ignore_errors=True)  # a failed attempt's
+            where.mkdir()
+            subprocess.run(
+                [sys.executable, *RUN_COMMAND],
+                cwd=where,
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=True,
+            )
     return where / "run"
 
 
