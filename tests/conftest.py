@@ -6,16 +6,28 @@ raises and dtype promotion is strict, so no (n,) vs (n, 1) broadcast or silent
 upcast slips through the library.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Compiling dominates this suite's time (many small programs, each compiled
 # once), and XLA's optimizing passes are most of each compile: the suite
 # skips them, as ``python -m experiments --quick`` does. The numbers are the
-# same operations, unfused. Set through the environment, so that the
-# subprocesses tests start (the CLI, several devices or processes) inherit
-# it; FNNET_XLA_OPTIMIZE=1 runs the suite with XLA's defaults.
+# same operations, unfused. And the processes of one session (pytest-xdist's
+# workers, the CLI runs and other subprocesses that tests start) share what
+# they compile through JAX's persistent compilation cache, in a folder of
+# this session only, removed at its end. Both are set through the
+# environment, which those processes inherit. FNNET_XLA_OPTIMIZE=1 runs the
+# suite as a user's process runs: XLA's defaults, no shared cache.
 if os.environ.get("FNNET_XLA_OPTIMIZE", "0") != "1":
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the session's first process
+        cache = tempfile.mkdtemp(prefix="fnnet-tests-jax-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 import pytest

@@ -9,8 +9,9 @@ whose first line is ``# needs: run`` gets a small run folder ``run/`` (made
 once per session with ``fnnet train --data digits --epochs 2 --out run``).
 The worked examples (``<!-- example:NAME -->`` followed by a ```text block)
 must print exactly what the README shows. Like the rest of the suite, blocks
-compile without XLA's optimizing passes (tests/conftest.py), except the
-worked examples, whose printed numbers are compared with XLA's defaults.
+compile without XLA's optimizing passes and share the session's compilation
+cache (tests/conftest.py), except the worked examples, whose printed numbers
+are compared with XLA's defaults.
 
 The defaults table of the README is generated from ``TrainConfig``'s fields
 and docstring and the flags of ``fnnet train``.
@@ -80,8 +81,9 @@ BLOCKS = python_blocks(README.read_text())
 def _env(xla_defaults: bool = False) -> dict:
     env = dict(os.environ)
     env.pop("JAX_ENABLE_X64", None)  # a fresh machine's default
-    if xla_defaults:  # else XLA's optimizing passes skipped (tests/conftest.py)
-        env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    if xla_defaults:  # else as the rest of the suite compiles (tests/conftest.py)
+        for name in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "JAX_COMPILATION_CACHE_DIR"):
+            env.pop(name, None)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), env.get("PYTHONPATH")) if p
     )
