@@ -12,9 +12,10 @@ import shutil
 import tempfile
 
 # Compiling dominates this suite's time (many small programs, each compiled
-# once), and XLA's optimizing passes are most of each compile: the suite
-# skips them, as ``python -m experiments --quick`` does. The numbers are the
-# same operations, unfused. And the processes of one session (pytest-xdist's
+# once), and XLA's backend optimizations are most of each compile: the suite
+# turns them off (optimization level 0, no expensive LLVM passes), as
+# ``python -m experiments --quick`` does; the programs compute the same
+# operations. And the processes of one session (pytest-xdist's
 # workers, the CLI runs and other subprocesses that tests start) share what
 # they compile through JAX's persistent compilation cache, in a folder of
 # this session only, removed at its end. Both are set through the

@@ -9,7 +9,7 @@ whose first line is ``# needs: run`` gets a small run folder ``run/`` (made
 once per session with ``fnnet train --data digits --epochs 2 --out run``).
 The worked examples (``<!-- example:NAME -->`` followed by a ```text block)
 must print exactly what the README shows. Like the rest of the suite, blocks
-compile without XLA's optimizing passes and share the session's compilation
+compile with XLA's backend optimizations off and share the session's compilation
 cache (tests/conftest.py), except the worked examples, whose printed numbers
 are compared with XLA's defaults.
 
