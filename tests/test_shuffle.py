@@ -45,9 +45,10 @@ def test_large_sets_get_a_permutation_of_every_row(n):
 
 def test_feistel_is_a_bijection_of_its_bit_range():
     keys = jax.random.bits(jax.random.key(0), (shuffle.ROUNDS,), jnp.uint32)
-    for bits in range(2, 13):
+    feistel = jax.jit(shuffle.feistel, static_argnums=2)
+    for bits in (2, 3, 4, 7, 12):  # even and odd widths, the smallest included
         x = jnp.arange(2**bits, dtype=jnp.uint32)
-        y = np.asarray(shuffle.feistel(x, keys, bits))
+        y = np.asarray(feistel(x, keys, bits))
         np.testing.assert_array_equal(np.sort(y), np.arange(2**bits))
 
 
