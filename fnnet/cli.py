@@ -321,27 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="digits", help="bundled data set name or file")
-    g.add_argument(
-        "--target",
-        default=None,
-        help="csv target column: name or index (default: the last column)",
-    )
-    g.add_argument(
-        "--task",
-        choices=("auto", *fdata.TASKS),
-        default="auto",
-        help="classification or regression; auto infers it from the targets",
-    )
-    g.add_argument(
-        "--val-fraction",
-        type=float,
-        default=fdata.VAL_FRACTION,
-        help="validation share",
-    )
-    g.add_argument(
-        "--test-fraction", type=float, default=fdata.TEST_FRACTION, help="test share"
-    )
+    add_data_flags(g)
     g.add_argument(
         "--chunk-rows",
         type=_positive_int,
@@ -1777,6 +1757,33 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def add_data_flags(parser) -> None:
+    """The data flags of fnnet train and fnnet sweep: the set, target, task, split."""
+    parser.add_argument(
+        "--data", default="digits", help="bundled data set name or file"
+    )
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="csv target column: name or index (default: the last column)",
+    )
+    parser.add_argument(
+        "--task",
+        choices=("auto", *fdata.TASKS),
+        default="auto",
+        help="classification or regression; auto infers it from the targets",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=fdata.VAL_FRACTION,
+        help="validation share",
+    )
+    parser.add_argument(
+        "--test-fraction", type=float, default=fdata.TEST_FRACTION, help="test share"
+    )
+
+
 def add_sweep_parser(sub) -> None:
     p = sub.add_parser(
         "sweep",
@@ -1791,23 +1798,7 @@ def add_sweep_parser(sub) -> None:
         ),
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", default="digits", help="bundled data set name or file")
-    p.add_argument("--target", default=None, help="csv target column")
-    p.add_argument(
-        "--task",
-        choices=("auto", *fdata.TASKS),
-        default="auto",
-        help="classification or regression (auto: from the targets)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=fdata.VAL_FRACTION,
-        help="validation share",
-    )
-    p.add_argument(
-        "--test-fraction", type=float, default=fdata.TEST_FRACTION, help="test share"
-    )
+    add_data_flags(p)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the data split")
     p.add_argument(
         "--hidden",

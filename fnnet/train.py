@@ -1089,47 +1089,12 @@ def run_epochs(
     return jax.lax.scan(body, carry, jnp.arange(count, dtype=jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("sharding",))
-def run_epochs_jit(
-    net,
-    config,
-    optimizer,
-    count,
-    carry,
-    X,
-    Y,
-    val,
-    base_key,
-    first,
-    last,
-    patience,
-    check_every=None,
-    check_batch=None,
-    *,
-    sharding=None,
-):
-    """:func:`run_epochs` as one compiled call (``carry`` is not donated).
-
-    The carry stays valid after the call, so a run interrupted during a call
-    can still save the state that call started from.
-    """
-    return run_epochs(
-        net,
-        config,
-        optimizer,
-        count,
-        carry,
-        X,
-        Y,
-        val,
-        base_key,
-        first,
-        last,
-        patience,
-        check_every,
-        check_batch,
-        sharding=sharding,
-    )
+#: :func:`run_epochs` as one compiled call. ``carry`` is not donated: it stays
+#: valid after the call, so a run interrupted during a call can still save the
+#: state that call started from.
+run_epochs_jit = jax.jit(
+    run_epochs, static_argnums=(0, 1, 2, 3), static_argnames=("sharding",)
+)
 
 
 # --------------------------------------------------------------------- fitting
